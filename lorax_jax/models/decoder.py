@@ -1,0 +1,86 @@
+"""A compact Llama-style decoder LM: RMSNorm, rotary attention on DenseGeneral kernels, SwiGLU.
+
+Layers can be stacked with `nn.scan` (one kernel per layer kind with a leading layer axis) and
+rematerialized with `nn.remat`.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+def rotary(x: jnp.ndarray, base: float = 10000.0) -> jnp.ndarray:
+  """Rotary position embedding over the last axis of x: (batch, seq, heads, head_dim)."""
+  seq, dim = x.shape[1], x.shape[-1]
+  freqs = base ** (-jnp.arange(0, dim, 2, dtype=jnp.float32) / dim)
+  angles = jnp.arange(seq, dtype=jnp.float32)[:, None] * freqs[None, :]
+  sin, cos = jnp.sin(angles)[None, :, None, :], jnp.cos(angles)[None, :, None, :]
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
+  return out.astype(x.dtype)
+
+
+class Block(nn.Module):
+  """Pre-norm decoder block."""
+  d_model: int
+  num_heads: int
+  mlp_dim: int
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, _=None):
+    head_dim = self.d_model // self.num_heads
+    h = nn.RMSNorm(dtype=self.dtype, name='attn_norm')(x)
+    proj = lambda name: nn.DenseGeneral((self.num_heads, head_dim), use_bias=False,
+                                        dtype=self.dtype, name=name)(h)
+    q, k, v = rotary(proj('query')), rotary(proj('key')), proj('value')
+    seq = x.shape[1]
+    mask = jnp.tril(jnp.ones((seq, seq), bool))
+    logits = jnp.einsum('bqhd,bkhd->bhqk', q, k) / jnp.sqrt(head_dim).astype(self.dtype)
+    logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
+    attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
+    o = jnp.einsum('bhqk,bkhd->bqhd', attn, v)
+    x = x + nn.DenseGeneral(self.d_model, axis=(-2, -1), use_bias=False, dtype=self.dtype,
+                            name='out')(o)
+    h = nn.RMSNorm(dtype=self.dtype, name='mlp_norm')(x)
+    gate = nn.Dense(self.mlp_dim, use_bias=False, dtype=self.dtype, name='gate')(h)
+    up = nn.Dense(self.mlp_dim, use_bias=False, dtype=self.dtype, name='up')(h)
+    x = x + nn.Dense(self.d_model, use_bias=False, dtype=self.dtype, name='down')(
+        nn.silu(gate) * up)
+    return x, None
+
+
+class Decoder(nn.Module):
+  """Decoder-only LM returning next-token logits (batch, seq, vocab).
+
+  Attributes:
+    vocab_size, d_model, num_layers, num_heads, mlp_dim: sizes.
+    scan_layers: stack the layers with `nn.scan` (kernels get a leading layer axis).
+    remat: rematerialize each block in the backward pass.
+    dtype: compute dtype (parameters stay float32).
+  """
+  vocab_size: int = 256
+  d_model: int = 256
+  num_layers: int = 4
+  num_heads: int = 4
+  mlp_dim: int = 1024
+  scan_layers: bool = False
+  remat: bool = False
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, tokens: jnp.ndarray) -> jnp.ndarray:
+    x = nn.Embed(self.vocab_size, self.d_model, dtype=self.dtype, name='embed')(tokens)
+    block = nn.remat(Block) if self.remat else Block
+    kw = dict(d_model=self.d_model, num_heads=self.num_heads, mlp_dim=self.mlp_dim,
+              dtype=self.dtype)
+    if self.scan_layers:
+      x, _ = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True},
+                     length=self.num_layers)(**kw, name='layers')(x, None)
+    else:
+      for i in range(self.num_layers):
+        x, _ = block(**kw, name=f'layer{i}')(x)
+    x = nn.RMSNorm(dtype=self.dtype, name='final_norm')(x)
+    return nn.Dense(self.vocab_size, use_bias=False, dtype=self.dtype, name='head')(x)

@@ -1,0 +1,339 @@
+"""Selection: which leaves get adapters, of which variant, rank and scale.
+
+A spec is a nested dict shaped like the parameters (the same '/'-joined paths) whose leaves are a
+`LeafSpec` or `None` (frozen). It is built from ordered `(regex, setting)` rules, first match wins:
+
+>>> rules = [(r'head', 'full'), (r'.*kernel$', {'rank': 4, 'alpha': 8})]
+>>> spec = make_spec(params, rules)            # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Any, Callable, Sequence
+
+import jax.numpy as jnp
+import numpy as np
+
+from lorax_jax import paths
+from lorax_jax import usage as usage_lib
+
+SCALINGS = ('alpha/r', 'rslora', 'constant')
+INITS = ('kaiming', 'gaussian')
+SETTING_KEYS = ('variant', 'rank', 'alpha', 'scaling', 'dropout', 'init', 'dtype',
+                'in_axes', 'out_axes', 'batch_axes')
+FULL = 'full'
+
+
+@dataclasses.dataclass(frozen=True)
+class LeafSpec:
+  """How one parameter leaf is adapted. Static (hashable) metadata, never traced.
+
+  Attributes:
+    variant: registered variant name (`'lora'`, ...) or `'full'` to train the leaf fully.
+    rank: adapter rank r.
+    alpha: scaling numerator; see `scaling`.
+    scaling: `'alpha/r'` (LoRA), `'rslora'` (alpha / sqrt(r)) or `'constant'` (scale = alpha).
+    dropout: LoRA dropout rate on the adapter branch's input (active only with a `lora_rng`).
+    init: initialization of A, `'kaiming'` (uniform, as torch's Linear) or `'gaussian'`.
+    dtype: adapter dtype name, or None for the base leaf's dtype.
+    shape: the base leaf's shape.
+    batch_axes: stacked (scanned / vmapped) axes of the kernel; adapters are stacked over them.
+    in_axes: axes contracted with the layer input (A's side).
+    out_axes: axes that form the layer output (B's side).
+  """
+  variant: str
+  rank: int = 0
+  alpha: float = 0.0
+  scaling: str = 'alpha/r'
+  dropout: float = 0.0
+  init: str = 'kaiming'
+  dtype: str | None = None
+  shape: tuple[int, ...] = ()
+  batch_axes: tuple[int, ...] = ()
+  in_axes: tuple[int, ...] = ()
+  out_axes: tuple[int, ...] = ()
+
+  @property
+  def scale(self) -> float:
+    if self.scaling == 'alpha/r':
+      return self.alpha / self.rank
+    if self.scaling == 'rslora':
+      return self.alpha / math.sqrt(self.rank)
+    return float(self.alpha)
+
+  @property
+  def batch_shape(self) -> tuple[int, ...]:
+    return tuple(self.shape[d] for d in self.batch_axes)
+
+  @property
+  def in_shape(self) -> tuple[int, ...]:
+    return tuple(self.shape[d] for d in self.in_axes)
+
+  @property
+  def out_shape(self) -> tuple[int, ...]:
+    return tuple(self.shape[d] for d in self.out_axes)
+
+  @property
+  def kinds(self) -> tuple[str, ...]:
+    """Per axis of the kernel: `'b'` (batch/stacked), `'i'` (in) or `'o'` (out)."""
+    kinds = ['b'] * len(self.shape)
+    for d in self.in_axes:
+      kinds[d] = 'i'
+    for d in self.out_axes:
+      kinds[d] = 'o'
+    return tuple(kinds)
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+  """One selection rule. `optional=True` rules may match nothing (used by presets)."""
+  pattern: str
+  setting: Any
+  optional: bool = False
+
+
+def _as_rule(rule: Any) -> Rule:
+  if isinstance(rule, Rule):
+    return rule
+  if isinstance(rule, (tuple, list)) and len(rule) in (2, 3):
+    return Rule(*rule)
+  raise ValueError(f'A rule must be (regex, setting) or Rule(...); got {rule!r}.')
+
+
+def dense_kernels(exclude: Sequence[str] = ('embed', 'head', 'classifier', 'logits', 'lm_head'),
+                  **setting) -> list[Rule]:
+  """Preset: every `kernel` leaf except embeddings and the output head.
+
+  Args:
+    exclude: substrings of paths left frozen (embedding tables are never named `kernel`).
+    **setting: the adapter setting (rank, alpha, variant, ...).
+
+  Returns:
+    Rules for `make_spec`.
+  """
+  rules = [Rule(f'(^|/)[^/]*{re.escape(e)}[^/]*/', None, optional=True) for e in exclude]
+  rules.append(Rule(r'(^|/)kernel$', dict(setting) or {}))
+  return rules
+
+
+def _normalize_axes(value, ndim, path, name):
+  if value is None:
+    return None
+  axes = (value,) if isinstance(value, int) else tuple(value)
+  out = []
+  for a in axes:
+    if not isinstance(a, (int, np.integer)) or not -ndim <= a < ndim:
+      raise ValueError(f'{name}={value!r} for {path!r}: axes must be ints in [-{ndim}, {ndim}).')
+    out.append(int(a) % ndim)
+  return tuple(out)
+
+
+def _resolve_axes(path, shape, setting, inferred):
+  ndim = len(shape)
+  in_axes = _normalize_axes(setting.get('in_axes'), ndim, path, 'in_axes')
+  out_axes = _normalize_axes(setting.get('out_axes'), ndim, path, 'out_axes')
+  batch_axes = _normalize_axes(setting.get('batch_axes'), ndim, path, 'batch_axes')
+  if in_axes is None and out_axes is None:
+    if inferred is not None:
+      batch_axes, in_axes, out_axes = inferred
+    elif ndim - len(batch_axes or ()) == 2:
+      rest = [d for d in range(ndim) if d not in (batch_axes or ())]
+      in_axes, out_axes = (rest[0],), (rest[1],)
+    else:
+      raise ValueError(
+          f'Kernel {path!r} has shape {shape}: its in/out axes are ambiguous. Give in_axes and '
+          'out_axes in the rule, or pass fn= (and args=) to make_spec to infer them from use.')
+  taken = set(in_axes or ()) | set(out_axes or ())
+  if in_axes is None:
+    in_axes = tuple(d for d in range(ndim) if d not in taken and d not in (batch_axes or ()))
+  if out_axes is None:
+    out_axes = tuple(d for d in range(ndim) if d not in taken and d not in (batch_axes or ()))
+  if batch_axes is None:
+    batch_axes = tuple(d for d in range(ndim) if d not in set(in_axes) | set(out_axes))
+  all_axes = list(batch_axes) + list(in_axes) + list(out_axes)
+  if sorted(all_axes) != list(range(ndim)) or not in_axes or not out_axes:
+    raise ValueError(
+        f'Axes of {path!r} (shape {shape}) must split all {ndim} axes into non-empty in_axes and '
+        f'out_axes plus batch_axes; got batch={batch_axes}, in={in_axes}, out={out_axes}.')
+  return tuple(batch_axes), tuple(in_axes), tuple(out_axes)
+
+
+def _leaf_spec(path, leaf, setting, defaults, inferred) -> LeafSpec | None:
+  from lorax_jax import variants  # pylint: disable=g-import-not-at-top
+  if setting is None:
+    return None
+  if isinstance(setting, str):
+    setting = {'variant': setting}
+  if isinstance(setting, LeafSpec):
+    setting = {f.name: getattr(setting, f.name) for f in dataclasses.fields(setting)
+               if f.name != 'shape'}
+  if not isinstance(setting, dict):
+    raise ValueError(f'Setting for {path!r} must be None, "full", a dict or a LeafSpec; '
+                     f'got {setting!r}.')
+  unknown = sorted(set(setting) - set(SETTING_KEYS))
+  if unknown:
+    raise ValueError(f'Unknown setting keys {unknown} for {path!r}; allowed: {list(SETTING_KEYS)}.')
+  merged = {**defaults, **setting}
+  variant = merged.get('variant', 'lora')
+  shape = tuple(getattr(leaf, 'shape', ()))
+  dtype = getattr(leaf, 'dtype', None)
+  if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+    raise ValueError(f'Rule matched {path!r}, which is not a float array (dtype {dtype}); only '
+                     'floating-point leaves can be adapted or trained.')
+  if variant == FULL:
+    return LeafSpec(variant=FULL, shape=shape)
+  if variant not in variants.names():
+    raise ValueError(f'Unknown variant {variant!r} for {path!r}; allowed: '
+                     f'{sorted(list(variants.names()) + [FULL])}.')
+  if len(shape) < 2:
+    raise ValueError(f'Rule matched {path!r} with shape {shape}: adapters need an array of rank '
+                     '>= 2 (use "full" to train a bias or norm scale).')
+  scaling = merged.get('scaling', 'alpha/r')
+  if scaling not in SCALINGS:
+    raise ValueError(f'Unknown scaling {scaling!r} for {path!r}; allowed: {list(SCALINGS)}.')
+  init = merged.get('init', 'kaiming')
+  if init not in INITS:
+    raise ValueError(f'Unknown init {init!r} for {path!r}; allowed: {list(INITS)}.')
+  dropout = float(merged.get('dropout', 0.0))
+  if not 0.0 <= dropout < 1.0:
+    raise ValueError(f'dropout={dropout} for {path!r} must be in [0, 1).')
+  batch_axes, in_axes, out_axes = _resolve_axes(path, shape, merged, inferred)
+  rank = merged.get('rank', 8)
+  d_in = math.prod(shape[d] for d in in_axes)
+  d_out = math.prod(shape[d] for d in out_axes)
+  if not isinstance(rank, (int, np.integer)) or isinstance(rank, bool) or rank <= 0 or (
+      rank > min(d_in, d_out)):
+    raise ValueError(f'rank={rank!r} for {path!r} (in {d_in}, out {d_out}) must be an int in '
+                     f'[1, {min(d_in, d_out)}].')
+  alpha = merged.get('alpha')
+  alpha = float(rank if alpha is None else alpha)
+  adapter_dtype = merged.get('dtype')
+  if adapter_dtype is not None:
+    try:
+      adapter_dtype = jnp.dtype(adapter_dtype).name
+    except TypeError:
+      raise ValueError(f'dtype={adapter_dtype!r} for {path!r} is not a dtype.') from None
+    if not jnp.issubdtype(adapter_dtype, jnp.floating):
+      raise ValueError(f'dtype={adapter_dtype!r} for {path!r}: adapters need a float dtype.')
+  spec = LeafSpec(variant=variant, rank=int(rank), alpha=alpha, scaling=scaling, dropout=dropout,
+                  init=init, dtype=adapter_dtype, shape=shape, batch_axes=batch_axes,
+                  in_axes=in_axes, out_axes=out_axes)
+  variants.get(variant).check(path, spec)
+  return spec
+
+
+def make_spec(params: Any, rules: Sequence[Any], *, fn: Callable | None = None,
+              args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None,
+              **defaults) -> dict[str, Any]:
+  """Builds the adapter spec of `params` from ordered `(regex, setting)` rules.
+
+  Each rule's regex is searched (`re.search`) in the '/'-joined path of every leaf; the first
+  rule that matches a leaf decides it. A setting is `None` (frozen), `'full'` (train the leaf
+  fully: a classifier head, norms) or a dict with keys from `SETTING_KEYS`; missing keys come from
+  `**defaults` (variant `'lora'`, rank 8, alpha = rank, scaling `'alpha/r'`).
+
+  In/out axes of 2-D kernels are (0,) and (1,). Multi-axis and stacked kernels take theirs from
+  the rule, or are inferred from how `fn(params, *args, **kwargs)` uses them when `fn` is given
+  (contracted axes are the in-axes, scanned axes are batch axes).
+
+  Args:
+    params: a parameter pytree (linen dict or NNX State).
+    rules: ordered rules, `(regex, setting)` tuples or `Rule`s.
+    fn: optional function of `(params, *args)` whose use of each kernel gives its axes.
+    args: example positional arguments for `fn` (arrays or `jax.ShapeDtypeStruct`s).
+    kwargs: example keyword arguments for `fn`.
+    **defaults: default setting values.
+
+  Returns:
+    A nested dict shaped like `params` with a `LeafSpec` or `None` at every leaf.
+
+  Raises:
+    ValueError: a rule that matches no path (or only paths earlier rules decide), an unknown variant, scaling, init or setting key,
+      a rank outside [1, min(d_in, d_out)], or a rule on a leaf that is not a float array of
+      rank >= 2.
+  """
+  unknown = sorted(set(defaults) - set(SETTING_KEYS))
+  if unknown:
+    raise ValueError(f'Unknown defaults {unknown}; allowed: {list(SETTING_KEYS)}.')
+  rules = [_as_rule(r) for r in rules]
+  compiled = []
+  for rule in rules:
+    try:
+      compiled.append(re.compile(rule.pattern))
+    except re.error as e:
+      raise ValueError(f'Rule pattern {rule.pattern!r} is not a valid regex: {e}') from None
+  leaves = list(paths.leaves_with_paths(params))
+  inferred = usage_lib.infer_axes(fn, params, *args, **(kwargs or {})) if fn is not None else {}
+  hits = [False] * len(rules)
+  wins = [False] * len(rules)
+  items = {}
+  for path, keys, leaf in leaves:
+    setting, decided = None, False
+    for i, rx in enumerate(compiled):
+      if rx.search(path):
+        hits[i] = True
+        if not decided:
+          wins[i], decided, setting = True, True, rules[i].setting
+    items[keys] = _leaf_spec(path, leaf, setting, defaults, inferred.get(path))
+  for rule, hit, win in zip(rules, hits, wins):
+    if rule.optional or win:
+      continue
+    if not hit:
+      shown = [p for p, _, _ in leaves][:20]
+      raise ValueError(f'Rule {rule.pattern!r} matches no parameter path; paths are: {shown}'
+                       + (' ...' if len(leaves) > 20 else ''))
+    raise ValueError(f'Rule {rule.pattern!r} has no effect: every path it matches is decided by '
+                     'an earlier rule (first match wins). Remove it or move it up.')
+  return paths.nest(items)
+
+
+def spec_leaves(spec: dict[str, Any]) -> dict[str, LeafSpec]:
+  """`{path: LeafSpec}` for the adapted or fully trained leaves of a spec."""
+  flat = paths.flat(spec, is_leaf=lambda x: x is None or isinstance(x, LeafSpec))
+  return {p: s for p, s in flat.items() if s is not None}
+
+
+def summary(params: Any, spec: dict[str, Any], *, print_fn: Callable[[str], Any] | None = print
+            ) -> str:
+  """Prints (and returns) a table of what is adapted: path, shape, variant, rank, parameters.
+
+  The last line gives the total trainable parameters and their fraction of the base model.
+  """
+  from lorax_jax import variants  # pylint: disable=g-import-not-at-top
+  specs = spec_leaves(spec)
+  total = 0
+  rows = []
+  for path, _, leaf in paths.leaves_with_paths(params):
+    total += int(np.prod(np.shape(leaf)))
+    s = specs.get(path)
+    if s is None:
+      continue
+    n = int(np.prod(s.shape)) if s.variant == FULL else variants.get(s.variant).num_params(s)
+    rows.append((path, 'x'.join(map(str, s.shape)), s.variant,
+                 '-' if s.variant == FULL else str(s.rank), n))
+  trainable = sum(r[4] for r in rows)
+  header = ('path', 'shape', 'variant', 'rank', 'params')
+  widths = [max([len(header[i])] + [len(str(r[i])) for r in rows]) for i in range(5)]
+  fmt = lambda r: '  '.join(str(c).ljust(w) if i < 4 else str(c).rjust(w)
+                            for i, (c, w) in enumerate(zip(r, widths)))
+  lines = [fmt(header), fmt(['-' * w for w in widths])] + [fmt(r) for r in rows]
+  frac = trainable / max(total, 1)
+  lines.append(f'trainable {trainable:,} of {total:,} base parameters ({100 * frac:.4f}%)')
+  text = '\n'.join(lines)
+  if print_fn is not None:
+    print_fn(text)
+  return text
+
+
+def validate_against(params: Any, spec: dict[str, Any]) -> None:
+  """Raises ValueError if a spec leaf's shape differs from the parameter at its path."""
+  shapes = {p: tuple(np.shape(l)) for p, _, l in paths.leaves_with_paths(params)}
+  for path, s in spec_leaves(spec).items():
+    if path not in shapes:
+      raise ValueError(f'Spec path {path!r} is not a parameter path.')
+    if shapes[path] != s.shape:
+      raise ValueError(f'Spec for {path!r} expects shape {s.shape}, parameter has {shapes[path]}.')
+

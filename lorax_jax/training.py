@@ -1,0 +1,104 @@
+"""Training helpers: gradients for the adapters only, LoRA+ and adapter-only weight decay.
+
+The base parameters are a separate, non-differentiated (and donatable) argument of the step:
+no base-sized gradient ever exists.
+
+>>> tx = optimizer(1e-3, loraplus_ratio=16, weight_decay=1e-2)
+>>> step = make_train_step(loss_fn, tx)                                  # doctest: +SKIP
+>>> adapters, opt_state, loss = step(params, adapters, opt_state, batch)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import optax
+
+from lorax_jax import adapters as adapters_lib
+
+LABELS = ('lora_a', 'lora_b', 'full')
+
+
+def labels(adapters: Any) -> Any:
+  """A tree like `adapters` naming each leaf's group: `'lora_b'` for B-side factors of low-rank
+  variants (the `b` field), `'full'` for fully trained leaves, `'lora_a'` for everything else."""
+
+  def label(kp, _):
+    last = kp[-1] if kp else None
+    names = [getattr(k, 'name', None) for k in kp]
+    if 'value' in names[-1:] and len(kp) >= 1:
+      return 'full'
+    if isinstance(last, jax.tree_util.GetAttrKey) and last.name == 'b':
+      return 'lora_b'
+    return 'lora_a'
+
+  return jax.tree_util.tree_map_with_path(label, adapters)
+
+
+def optimizer(learning_rate: float | optax.Schedule, *, loraplus_ratio: float = 1.0,
+              weight_decay: float = 0.0, full_learning_rate: float | optax.Schedule | None = None,
+              make: Callable[..., optax.GradientTransformation] = optax.adamw,
+              **kwargs) -> optax.GradientTransformation:
+  """AdamW (or `make`) over the adapter tree, with LoRA+ and adapter-only weight decay.
+
+  Args:
+    learning_rate: learning rate of A factors (a float or an optax schedule).
+    loraplus_ratio: LoRA+ (Hayou et al., 2024): B factors use `ratio * learning_rate`. 1 = off.
+    weight_decay: decoupled weight decay; it applies to what is trained (adapters and fully
+      trained leaves), never to the frozen base, which the optimizer does not see.
+    full_learning_rate: learning rate of fully trained leaves (default `learning_rate`).
+    make: optax optimizer factory taking `learning_rate` and `weight_decay`.
+    **kwargs: passed to `make`.
+
+  Returns:
+    An `optax.GradientTransformation` for adapter trees.
+
+  Raises:
+    ValueError: for a non-positive `loraplus_ratio` or a negative `weight_decay`.
+  """
+  if not loraplus_ratio > 0:
+    raise ValueError(f'loraplus_ratio={loraplus_ratio!r} must be > 0 (1 disables LoRA+).')
+  if weight_decay < 0:
+    raise ValueError(f'weight_decay={weight_decay!r} must be >= 0.')
+
+  def scaled(lr, k):
+    return (lambda step: lr(step) * k) if callable(lr) else lr * k
+
+  full_lr = learning_rate if full_learning_rate is None else full_learning_rate
+  txs = {
+      'lora_a': make(learning_rate=learning_rate, weight_decay=weight_decay, **kwargs),
+      'lora_b': make(learning_rate=scaled(learning_rate, loraplus_ratio),
+                     weight_decay=weight_decay, **kwargs),
+      'full': make(learning_rate=full_lr, weight_decay=weight_decay, **kwargs),
+  }
+  return optax.multi_transform(txs, labels)
+
+
+def make_train_step(loss_fn: Callable[..., Any], tx: optax.GradientTransformation, *,
+                    has_aux: bool = False, donate: bool = True) -> Callable:
+  """A jitted step that differentiates `loss_fn` with respect to the adapters only.
+
+  Args:
+    loss_fn: `(joined_params, batch, rng) -> loss` (or `(loss, aux)` with `has_aux`), where
+      `joined_params = join(params, adapters)`; it typically calls `lora(apply)(joined, ...)`.
+    tx: the optimizer (e.g. from `optimizer(...)`).
+    has_aux: whether `loss_fn` returns `(loss, aux)`.
+    donate: donate the adapter and optimizer-state buffers to the outputs.
+
+  Returns:
+    `step(params, adapters, opt_state, batch, rng=None) -> (adapters, opt_state, loss[, aux])`.
+  """
+
+  def step(params, adapters, opt_state, batch, rng=None):
+    def objective(ad):
+      return loss_fn(adapters_lib.join(params, ad), batch, rng)
+
+    out, grads = jax.value_and_grad(objective, has_aux=has_aux)(adapters)
+    updates, opt_state = tx.update(grads, opt_state, adapters)
+    adapters = optax.apply_updates(adapters, updates)
+    if has_aux:
+      return adapters, opt_state, out[0], out[1]
+    return adapters, opt_state, out
+
+  return jax.jit(step, donate_argnums=(1, 2) if donate else ())

@@ -1,0 +1,60 @@
+"""LoRA (Hu et al., 2022) with alpha/r, rsLoRA alpha/sqrt(r) or constant scaling.
+
+dW = s * A @ B with A (d_in, r) from a Kaiming-uniform (torch `Linear` default, bound
+1/sqrt(d_in)) or Gaussian N(0, 1/r^2) init, and B = 0, so the first forward equals the base.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+
+from lorax_jax import layout
+from lorax_jax.spec import LeafSpec
+from lorax_jax.variants.base import Factored, Variant
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LoraParams:
+  """LoRA adapter state. `a`: batch + in + (r,); `b`: batch + (r,) + out. `spec` is static."""
+  a: jax.Array
+  b: jax.Array
+  spec: LeafSpec = dataclasses.field(metadata=dict(static=True))
+
+
+def lora() -> Variant:
+  """Builds the LoRA variant.
+
+  Example:
+    >>> v = lora()
+    >>> w2, adapter = v.init(jax.random.key(0), w, spec)   # doctest: +SKIP
+  """
+
+  def init(key, w, spec: LeafSpec):
+    dtype = jnp.dtype(spec.dtype or w.dtype)
+    d_in = math.prod(spec.in_shape)
+    a_shape = spec.batch_shape + spec.in_shape + (spec.rank,)
+    if spec.init == 'kaiming':
+      bound = 1.0 / math.sqrt(d_in)
+      a = jax.random.uniform(key, a_shape, dtype, -bound, bound)
+    else:
+      a = (jax.random.normal(key, a_shape, dtype) / spec.rank).astype(dtype)
+    b = jnp.zeros(spec.batch_shape + (spec.rank,) + spec.out_shape, dtype)
+    return w, LoraParams(a, b, spec)
+
+  def factored(w, p: LoraParams):
+    del w
+    return Factored(p.a, p.b, p.spec.scale)
+
+  def delta(w, p: LoraParams):
+    return (p.spec.scale * layout.delta_canonical(p.a, p.b, p.spec.kinds, w.dtype)).astype(w.dtype)
+
+  def num_params(spec: LeafSpec):
+    return math.prod(spec.batch_shape) * spec.rank * (
+        math.prod(spec.in_shape) + math.prod(spec.out_shape))
+
+  return Variant('lora', init, delta, factored, num_params)

@@ -1,0 +1,52 @@
+"""Shared test helpers: random adapters, float64 references, relative errors."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import lorax_jax as lj
+
+
+def enable_x64():
+  """float64 on, as a context manager (`jax.enable_x64` is newer than the oldest JAX supported)."""
+  if hasattr(jax, 'enable_x64'):
+    return jax.enable_x64(True)
+  from jax.experimental import enable_x64 as ctx  # pylint: disable=g-import-not-at-top
+  return ctx()
+
+
+# Relative tolerance (max abs error / max abs reference) of the factored output against the
+# float64 merged reference, per base dtype.
+TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
+
+
+def randomize(adapters, key, scale=0.3):
+  """Fresh random values for every adapter array (B included), keeping dtypes."""
+  leaves, treedef = jax.tree_util.tree_flatten(adapters)
+  keys = jax.random.split(key, len(leaves))
+  new = [(scale * jax.random.normal(k, l.shape, jnp.float32)).astype(l.dtype)
+         for k, l in zip(keys, leaves)]
+  return jax.tree_util.tree_unflatten(treedef, new)
+
+
+def cast_tree(tree, dtype):
+  return jax.tree_util.tree_map(
+      lambda x: x.astype(dtype) if hasattr(x, 'dtype') and jnp.issubdtype(x.dtype, jnp.floating)
+      else x, tree)
+
+
+def f64_reference(fn, params, adapters, *args):
+  """fn(W + s*A@B, *args) computed in float64 on float64 copies of everything."""
+  with enable_x64():
+    p64 = cast_tree(params, jnp.float64)
+    a64 = cast_tree(adapters, jnp.float64)
+    args64 = cast_tree(list(args), jnp.float64)
+    out = fn(lj.merge(p64, a64), *args64)
+    return jax.tree_util.tree_map(lambda x: np.asarray(x, np.float64), out)
+
+
+def rel_err(out, ref):
+  out = np.asarray(jnp.asarray(out, jnp.float32), np.float64)
+  return float(np.max(np.abs(out - ref)) / max(np.max(np.abs(ref)), 1e-30))

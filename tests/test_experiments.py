@@ -1,0 +1,42 @@
+"""One-run smoke tests of the entry points: the quick start and the step-cost benchmark."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+from experiments import quickstart
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_quickstart_adapts_to_new_classes():
+  r = quickstart.run(pretrain_steps=150, adapt_steps=150, rank=4, verbose=False)
+  assert r['base_accuracy'] < 0.05          # the pretrained head never saw digits 5-9
+  assert r['base_accuracy_old_classes'] > 0.9
+  assert r['adapted_accuracy'] > 0.85
+  np.testing.assert_allclose(r['merged_accuracy'], r['adapted_accuracy'], atol=0.01)
+  assert 0 < r['trainable_fraction'] < 0.1
+
+
+def test_quickstart_is_deterministic():
+  a = quickstart.run(pretrain_steps=20, adapt_steps=20, rank=2, verbose=False)
+  b = quickstart.run(pretrain_steps=20, adapt_steps=20, rank=2, verbose=False)
+  assert a['final_loss'] == b['final_loss']
+  assert a['adapted_accuracy'] == b['adapted_accuracy']
+
+
+def test_step_cost_benchmark_passes_its_claims():
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  proc = subprocess.run(
+      [sys.executable, '-m', 'experiments.benchmarks.step_cost', '--batch', '2', '--seq', '64',
+       '--repeats', '1'], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  lines = proc.stdout.splitlines()
+  rows = {l.split()[0]: l.split() for l in lines if l.split() and l.split()[0] in (
+      'full', 'lora', 'merge')}
+  assert float(rows['lora'][2]) <= 0.75
+  assert float(rows['lora'][1]) < float(rows['merge'][1])
