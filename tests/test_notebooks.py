@@ -1,0 +1,28 @@
+"""Runs every tutorial notebook's code cells in order (no Jupyter needed); they must not fail."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NOTEBOOKS = sorted(glob.glob(os.path.join(ROOT, 'notebooks', '*.ipynb')))
+
+
+def test_there_are_notebooks():
+  assert NOTEBOOKS
+
+
+@pytest.mark.parametrize('path', NOTEBOOKS, ids=os.path.basename)
+def test_notebook_runs_and_is_committed_without_outputs(path):
+  with open(path) as f:
+    nb = json.load(f)
+  namespace = {'__name__': '__notebook__'}
+  for cell in nb['cells']:
+    if cell['cell_type'] != 'code':
+      continue
+    assert not cell.get('outputs'), f'{path}: commit notebooks without outputs'
+    exec(compile(''.join(cell['source']), path, 'exec'), namespace)  # pylint: disable=exec-used
