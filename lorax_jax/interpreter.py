@@ -295,14 +295,49 @@ def _reshape(eqn, invals, ctx):
                     kinds=tuple(kinds))]
 
 
-def _squeeze(eqn, invals, ctx):
-  (v,) = invals
-  dims = tuple(d % v.w.ndim for d in eqn.params['dimensions'])
-  kinds = tuple(k for d, k in enumerate(v.kinds) if d not in dims)
+def _broadcast_in_dim(eqn, invals, ctx):
+  """Only the unit-axis insertions of `expand_dims` / `w[None]`; real broadcasts materialize."""
+  v = invals[0]
+  if len(invals) != 1:
+    return None
+  shape, dims = tuple(eqn.params['shape']), tuple(eqn.params['broadcast_dimensions'])
+  if list(dims) != sorted(dims) or tuple(shape[d] for d in dims) != v.w.shape or any(
+      shape[q] != 1 for q in range(len(shape)) if q not in dims):
+    return None
+  kinds, last = [], None
+  for q in range(len(shape)):
+    if q in dims:
+      last = v.kinds[dims.index(q)]
+    kinds.append(last)
+  first = v.kinds[0]
+  kinds = [k or first for k in kinds]
+  r = v.a.shape[-1]
+  a_shape = tuple(1 if k == 'o' else s for k, s in zip(kinds, shape)) + (r,)
+  b_shape = tuple(1 if k == 'i' else s for k, s in zip(kinds, shape)) + (r,)
+  return [v.replace(w=_bind_on_w(eqn, v), a=v.a.reshape(a_shape), b=v.b.reshape(b_shape),
+                    kinds=tuple(kinds))]
+
+
+def _drop_unit_axes(eqn, v: LowRank, axes):
+  kinds = tuple(k for d, k in enumerate(v.kinds) if d not in axes)
   if 'i' not in kinds or 'o' not in kinds:
     return None
-  return [v.replace(w=_bind_on_w(eqn, v), a=jnp.squeeze(v.a, dims), b=jnp.squeeze(v.b, dims),
+  return [v.replace(w=_bind_on_w(eqn, v), a=jnp.squeeze(v.a, axes), b=jnp.squeeze(v.b, axes),
                     kinds=kinds)]
+
+
+def _squeeze(eqn, invals, ctx):
+  (v,) = invals
+  return _drop_unit_axes(eqn, v, tuple(d % v.w.ndim for d in eqn.params['dimensions']))
+
+
+def _reduce_sum(eqn, invals, ctx):
+  """Summing over unit axes (what einsum does with a size-1 label) is a squeeze."""
+  (v,) = invals
+  axes = tuple(d % v.w.ndim for d in eqn.params['axes'])
+  if any(v.w.shape[d] != 1 for d in axes):
+    return None
+  return _drop_unit_axes(eqn, v, axes)
 
 
 def _slice(eqn, invals, ctx):
@@ -433,6 +468,8 @@ _RULES: dict[str, Callable] = {
     'transpose': _transpose,
     'reshape': _reshape,
     'squeeze': _squeeze,
+    'broadcast_in_dim': _broadcast_in_dim,
+    'reduce_sum': _reduce_sum,
     'slice': _slice,
     'dynamic_slice': _dynamic_slice,
     'convert_element_type': _passthrough,

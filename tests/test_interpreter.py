@@ -78,6 +78,21 @@ def test_reshape_and_cast_of_the_weight():
   _check(fn, params, adapters, X)
 
 
+def test_unit_axes_inserted_into_the_weight():
+  params, adapters = _plain()
+  fn = lambda p, x: jnp.einsum('bi,zio->bo', x, jnp.expand_dims(p['w'], 0))
+  _check(fn, params, adapters, X)
+  fn2 = lambda p, x: jnp.einsum('bi,iyo->bo', x, p['w'][:, None, :])
+  _check(fn2, params, adapters, X)
+
+
+def test_real_broadcast_of_the_weight_materializes():
+  params, adapters = _plain()
+  fn = lambda p, x: jnp.einsum('bi,zio->bzo', x, jnp.broadcast_to(p['w'], (2, 6, 5)))
+  with pytest.raises(lj.MaterializeError, match='broadcast_in_dim'):
+    lj.lora(fn, strict=True)(lj.join(params, adapters), X)
+
+
 def test_static_arguments_pass_through():
   class M(nn.Module):
 

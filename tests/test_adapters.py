@@ -1,0 +1,95 @@
+"""The two trees: join/split, merge/unmerge with donation, and the variant registry."""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import lorax_jax as lj
+from lorax_jax import variants
+from tests import helpers
+
+
+def _setup():
+  params = {'enc': {'kernel': jax.random.normal(jax.random.key(0), (6, 5)),
+                    'bias': jax.random.normal(jax.random.key(1), (5,))},
+            'head': {'kernel': jax.random.normal(jax.random.key(2), (5, 3))}}
+  spec = lj.make_spec(params, [('head', 'full'), ('enc/kernel', {'rank': 2})])
+  params, adapters = lj.init(jax.random.key(3), params, spec)
+  return params, helpers.randomize(adapters, jax.random.key(4))
+
+
+def test_split_inverts_join():
+  params, adapters = _setup()
+  p2, a2 = lj.split(lj.join(params, adapters))
+  assert jax.tree_util.tree_structure(p2) == jax.tree_util.tree_structure(params)
+  assert jax.tree_util.tree_structure(a2) == jax.tree_util.tree_structure(adapters)
+  for x, y in zip(jax.tree_util.tree_leaves((params, adapters)),
+                  jax.tree_util.tree_leaves((p2, a2))):
+    assert x is y
+
+
+def test_adapter_tree_holds_only_selected_leaves():
+  _, adapters = _setup()
+  assert set(adapters) == {'enc', 'head'}
+  assert set(adapters['enc']) == {'kernel'}
+  assert isinstance(adapters['head']['kernel'], lj.FullParams)
+  assert lj.count_params(adapters) == 2 * (6 + 5) + 5 * 3
+
+
+def test_full_leaves_replace_the_base_in_lora_and_merge():
+  params, adapters = _setup()
+  fn = lambda p, x: (x @ p['enc']['kernel'] + p['enc']['bias']) @ p['head']['kernel']
+  x = jax.random.normal(jax.random.key(5), (4, 6))
+  out = lj.lora(fn, strict=True)(lj.join(params, adapters), x)
+  ref = helpers.f64_reference(fn, params, adapters, x)
+  assert helpers.rel_err(out, ref) < 1e-5
+  np.testing.assert_array_equal(lj.merge(params, adapters)['head']['kernel'],
+                                adapters['head']['kernel'].value)
+
+
+def test_merge_and_unmerge_with_donation():
+  params, adapters = _setup()
+  expected = np.asarray(params['enc']['kernel']) + np.asarray(
+      adapters['enc']['kernel'].a, np.float64) @ np.asarray(adapters['enc']['kernel'].b,
+                                                           np.float64) * 1.0
+  copy = jax.tree_util.tree_map(jnp.copy, params)
+  merged = lj.merge(copy, adapters, donate=True)
+  np.testing.assert_allclose(merged['enc']['kernel'], expected, rtol=1e-5, atol=1e-6)
+  back = lj.unmerge(merged, adapters, donate=True)
+  np.testing.assert_allclose(back['enc']['kernel'], params['enc']['kernel'], atol=1e-6)
+  np.testing.assert_array_equal(back['enc']['bias'], params['enc']['bias'])
+
+
+def _dense_only_lora():
+  base = variants.lora()
+  return base._replace(name='lora_dense_only', factored=None)
+
+
+def test_variant_without_factored_form_materializes_silently_in_strict_mode():
+  variants.register('lora_dense_only', _dense_only_lora)
+  try:
+    params = {'w': jax.random.normal(jax.random.key(0), (6, 5))}
+    spec = lj.make_spec(params, [('w', {'variant': 'lora_dense_only', 'rank': 2})])
+    params, adapters = lj.init(jax.random.key(1), params, spec)
+    adapters = helpers.randomize(adapters, jax.random.key(2))
+    fn = lambda p, x: jnp.tanh(x @ p['w'])
+    x = jax.random.normal(jax.random.key(3), (4, 6))
+    out = lj.lora(fn, strict=True)(lj.join(params, adapters), x)
+    assert helpers.rel_err(out, helpers.f64_reference(fn, params, adapters, x)) < 1e-5
+    g = jax.grad(lambda a: lj.lora(fn, strict=True)(lj.join(params, a), x).sum())(adapters)
+    assert np.any(np.asarray(g['w'].b) != 0)
+  finally:
+    variants._FACTORIES.pop('lora_dense_only')  # pylint: disable=protected-access
+    variants._CACHE.pop('lora_dense_only', None)  # pylint: disable=protected-access
+
+
+def test_registry_errors():
+  with pytest.raises(ValueError, match=re.escape("Variant 'lora' is already registered")):
+    variants.register('lora', variants.lora)
+  with pytest.raises(ValueError, match=re.escape("Unknown variant 'nope'; allowed: ['lora']")):
+    variants.get('nope')
