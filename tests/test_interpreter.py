@@ -182,3 +182,41 @@ def test_infer_axes_reports_usage():
   assert axes['params/layer0/out/kernel'] == ((), (0, 1), (2,))
   assert axes['params/embed/embedding'] == ((), (0,), (1,))
   assert axes['params/head/kernel'] == ((), (0,), (1,))
+
+
+def _flops(fn, *args):
+  cost = jax.jit(fn).lower(*args).compile().cost_analysis()
+  return float((cost[0] if isinstance(cost, (list, tuple)) else cost)['flops'])
+
+
+def test_compiles_to_the_same_flops_as_hand_written_lora():
+  class Mlp(nn.Module):
+
+    @nn.compact
+    def __call__(self, x):
+      h = jax.nn.relu(nn.Dense(256, use_bias=False, name='up')(x))
+      return nn.Dense(64, use_bias=False, name='down')(h)
+
+  model = Mlp()
+  x = jax.random.normal(jax.random.key(0), (128, 64))
+  params = model.init(jax.random.key(1), x)
+  spec = lj.make_spec(params, [('kernel', {'rank': 4})])
+  params, adapters = lj.init(jax.random.key(2), params, spec)
+  adapters = helpers.randomize(adapters, jax.random.key(3))
+
+  def via_lora(p, a):
+    return jax.grad(lambda a: (lj.lora(model.apply)(lj.join(p, a), x) ** 2).mean())(a)
+
+  def by_hand(p, a):
+    def loss(a):
+      up, down = a['params']['up']['kernel'], a['params']['down']['kernel']
+      w_up, w_down = p['params']['up']['kernel'], p['params']['down']['kernel']
+      h = jax.nn.relu(x @ w_up + (x @ up.a) @ up.b)
+      return ((h @ w_down + (h @ down.a) @ down.b) ** 2).mean()
+    return jax.grad(loss)(a)
+
+  np.testing.assert_allclose(_flops(via_lora, params, adapters), _flops(by_hand, params, adapters),
+                             rtol=1e-3)
+  g1, g2 = via_lora(params, adapters), by_hand(params, adapters)
+  for u, v in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g2)):
+    np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-7)

@@ -66,6 +66,14 @@ class _Scanned(nn.Module):
     return layers(name='layers')(x, None)[0]
 
 
+class _Vmapped(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    dense = nn.vmap(nn.Dense, variable_axes={'params': 0}, split_rngs={'params': True},
+                    in_axes=0, out_axes=0)
+    return dense(6, name='ensemble')(x)
+
+
 class _Remat(nn.Module):
   @nn.compact
   def __call__(self, x):
@@ -129,6 +137,8 @@ def _cases():
                                            expected={'params/embed/embedding': (1, 11, 6)}),
       'linen_scan': lambda: _linen(_Scanned(), _normal(k[4], (3, 6)),
                                    expected={'params/layers/dense/kernel': (3, 6, 6)}),
+      'linen_vmap': lambda: _linen(_Vmapped(), _normal(k[6], (3, 4, 5)),
+                                   expected={'params/ensemble/kernel': (3, 5, 6)}),
       'linen_remat': lambda: _linen(_Remat(), _normal(k[4], (3, 6)),
                                     expected={'params/block/dense/kernel': (1, 6, 6)}),
       'linen_jit_subfunction': lambda: _linen(_JitSub(), x8,
