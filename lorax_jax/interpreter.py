@@ -546,8 +546,11 @@ def lora(fn: Callable, *, strict: bool | None = None) -> Callable:
     on LoRA dropout (training); without it dropout is off. Arguments may contain `Adapted`
     leaves from `join(params, adapters)`; non-array leaves (flags, strings) stay static.
 
+  Each call traces `fn` (as `jax.make_jaxpr` does): call the result under `jax.jit`, or inside a
+  jitted train step, so that this happens once per compilation.
+
   Example:
-    >>> y = lora(model.apply)(join(params, adapters), x)              # doctest: +SKIP
+    >>> y = jax.jit(lora(model.apply))(join(params, adapters), x)     # doctest: +SKIP
   """
 
   @functools.wraps(fn)
