@@ -6,7 +6,7 @@
     merged = merge(params, adapters)                # export
 """
 
-from lorax_jax import adapters, paths
+from lorax_jax import adapters, paths  # noqa: F401  (modules: lj.paths, lj.adapters)
 from lorax_jax.adapters import Adapted, count_params, init, join, merge, split, unmerge
 from lorax_jax.interpreter import MaterializeError, MaterializeWarning, lora
 from lorax_jax.spec import LeafSpec, Rule, dense_kernels, make_spec, summary

@@ -23,7 +23,7 @@ import dataclasses
 import functools
 import os
 import warnings
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import jax
 import jax.extend as jex
