@@ -8,14 +8,20 @@ import numpy as np
 
 
 def digits(classes: Sequence[int] = tuple(range(10)), *, split: str = 'train',
-           test_fraction: float = 0.25, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-  """Returns `(images, labels)` of the chosen classes: images (N, 8, 8, 1) float32 in [0, 1].
+           test_fraction: float = 0.25, seed: int = 0, size: int = 8
+           ) -> tuple[np.ndarray, np.ndarray]:
+  """Returns `(images, labels)` of the chosen classes: images (N, size, size, 1) float32 in [0, 1].
 
-  The train/test split is a deterministic function of `seed` (stratified by class).
+  The train/test split is a deterministic function of `seed` (stratified by class). `size` is a
+  multiple of 8; larger images repeat each pixel (nearest-neighbour upsampling), e.g. 16 for a
+  ViT with 4x4 patches. A pretrain/adaptation shift is a choice of classes: pretrain on
+  `range(5)`, adapt on `range(5, 10)`.
 
   Raises:
-    ValueError: for an unknown split, a class outside 0..9 or a bad test fraction.
+    ValueError: for an unknown split, a class outside 0..9, a bad test fraction or size.
   """
+  if size < 8 or size % 8:
+    raise ValueError(f'size={size} must be a positive multiple of 8.')
   from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
   if split not in ('train', 'test'):
     raise ValueError(f"split={split!r}; allowed: 'train', 'test'.")
@@ -35,4 +41,8 @@ def digits(classes: Sequence[int] = tuple(range(10)), *, split: str = 'train',
     n_test = int(round(len(idx) * test_fraction))
     keep.append(idx[:n_test] if split == 'test' else idx[n_test:])
   idx = np.sort(np.concatenate(keep))
-  return x[idx], y[idx]
+  x = x[idx]
+  if size != 8:
+    k = size // 8
+    x = np.repeat(np.repeat(x, k, axis=1), k, axis=2)
+  return x, y[idx]

@@ -1,4 +1,5 @@
-"""A compact Llama-style decoder LM: RMSNorm, rotary attention on DenseGeneral kernels, SwiGLU.
+"""A compact Llama-style decoder LM: RMSNorm, rotary grouped-query attention on DenseGeneral
+kernels, SwiGLU MLP, causal mask; greedy or temperature sampling for demos.
 
 Layers can be stacked with `nn.scan` (one kernel per layer kind with a leading layer axis) and
 rematerialized with `nn.remat`.
@@ -23,25 +24,30 @@ def rotary(x: jnp.ndarray, base: float = 10000.0) -> jnp.ndarray:
 
 
 class Block(nn.Module):
-  """Pre-norm decoder block."""
+  """Pre-norm decoder block with grouped-query attention (`num_kv_heads` divides `num_heads`)."""
   d_model: int
   num_heads: int
   mlp_dim: int
+  num_kv_heads: int | None = None
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x, _=None):
     head_dim = self.d_model // self.num_heads
+    kv_heads = self.num_kv_heads or self.num_heads
+    groups = self.num_heads // kv_heads
     h = nn.RMSNorm(dtype=self.dtype, name='attn_norm')(x)
-    proj = lambda name: nn.DenseGeneral((self.num_heads, head_dim), use_bias=False,
-                                        dtype=self.dtype, name=name)(h)
-    q, k, v = rotary(proj('query')), rotary(proj('key')), proj('value')
-    seq = x.shape[1]
+    proj = lambda name, heads: nn.DenseGeneral((heads, head_dim), use_bias=False,
+                                               dtype=self.dtype, name=name)(h)
+    q = rotary(proj('query', self.num_heads))
+    k, v = rotary(proj('key', kv_heads)), proj('value', kv_heads)
+    b, seq = x.shape[:2]
+    q = q.reshape(b, seq, kv_heads, groups, head_dim)
     mask = jnp.tril(jnp.ones((seq, seq), bool))
-    logits = jnp.einsum('bqhd,bkhd->bhqk', q, k) / jnp.sqrt(head_dim).astype(self.dtype)
+    logits = jnp.einsum('bqhgd,bkhd->bhgqk', q, k) / jnp.sqrt(head_dim).astype(self.dtype)
     logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
     attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
-    o = jnp.einsum('bhqk,bkhd->bqhd', attn, v)
+    o = jnp.einsum('bhgqk,bkhd->bqhgd', attn, v).reshape(b, seq, self.num_heads, head_dim)
     x = x + nn.DenseGeneral(self.d_model, axis=(-2, -1), use_bias=False, dtype=self.dtype,
                             name='out')(o)
     h = nn.RMSNorm(dtype=self.dtype, name='mlp_norm')(x)
@@ -57,6 +63,7 @@ class Decoder(nn.Module):
 
   Attributes:
     vocab_size, d_model, num_layers, num_heads, mlp_dim: sizes.
+    num_kv_heads: key/value heads for grouped-query attention (default `num_heads`).
     scan_layers: stack the layers with `nn.scan` (kernels get a leading layer axis).
     remat: rematerialize each block in the backward pass.
     dtype: compute dtype (parameters stay float32).
@@ -66,6 +73,7 @@ class Decoder(nn.Module):
   num_layers: int = 4
   num_heads: int = 4
   mlp_dim: int = 1024
+  num_kv_heads: int | None = None
   scan_layers: bool = False
   remat: bool = False
   dtype: jnp.dtype = jnp.float32
@@ -74,8 +82,11 @@ class Decoder(nn.Module):
   def __call__(self, tokens: jnp.ndarray) -> jnp.ndarray:
     x = nn.Embed(self.vocab_size, self.d_model, dtype=self.dtype, name='embed')(tokens)
     block = nn.remat(Block) if self.remat else Block
+    if self.d_model % self.num_heads or self.num_heads % (self.num_kv_heads or self.num_heads):
+      raise ValueError(f'num_heads={self.num_heads} must divide d_model={self.d_model} and be a '
+                       f'multiple of num_kv_heads={self.num_kv_heads}.')
     kw = dict(d_model=self.d_model, num_heads=self.num_heads, mlp_dim=self.mlp_dim,
-              dtype=self.dtype)
+              num_kv_heads=self.num_kv_heads, dtype=self.dtype)
     if self.scan_layers:
       x, _ = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True},
                      length=self.num_layers)(**kw, name='layers')(x, None)
@@ -84,3 +95,37 @@ class Decoder(nn.Module):
         x, _ = block(**kw, name=f'layer{i}')(x)
     x = nn.RMSNorm(dtype=self.dtype, name='final_norm')(x)
     return nn.Dense(self.vocab_size, use_bias=False, dtype=self.dtype, name='head')(x)
+
+
+def generate(apply_fn, params, prompt: jnp.ndarray, steps: int, *, temperature: float = 0.0,
+             key: jax.Array | None = None) -> jnp.ndarray:
+  """Extends `prompt` (batch, length) by `steps` tokens: greedy at temperature 0, else sampled.
+
+  `apply_fn(params, tokens) -> logits` may be `lora(model.apply)` with joined parameters. Each
+  step reruns the whole (fixed-length, causal) sequence, which keeps the model cache-free; this is
+  for demos, not serving.
+
+  Raises:
+    ValueError: for a negative temperature, or a positive one without a `key`.
+  """
+  if temperature < 0:
+    raise ValueError(f'temperature={temperature} must be >= 0.')
+  if temperature > 0 and key is None:
+    raise ValueError('Sampling with temperature > 0 needs a PRNG key.')
+  b, n = prompt.shape
+  tokens = jnp.concatenate([prompt, jnp.zeros((b, steps), prompt.dtype)], axis=1)
+
+  def body(i, carry):
+    tokens, key = carry
+    logits = apply_fn(params, tokens)
+    last = jax.lax.dynamic_index_in_dim(logits, n + i - 1, axis=1, keepdims=False)
+    if temperature > 0:
+      key, sub = jax.random.split(key)
+      nxt = jax.random.categorical(sub, last.astype(jnp.float32) / temperature, axis=-1)
+    else:
+      nxt = jnp.argmax(last, axis=-1)
+    tokens = jax.lax.dynamic_update_index_in_dim(tokens, nxt.astype(tokens.dtype), n + i, axis=1)
+    return tokens, key
+
+  key = key if key is not None else jax.random.key(0)
+  return jax.lax.fori_loop(0, steps, body, (tokens, key))[0]

@@ -1,0 +1,153 @@
+"""Vision Transformer (Dosovitskiy et al., 2021) in Flax linen and NNX, with the same parameters.
+
+Patch embedding (a strided conv), a class token, learned position embeddings, pre-norm blocks
+with multi-head attention on `DenseGeneral` kernels (query/key/value: (hidden, heads, head_dim),
+out: (heads, head_dim, hidden)) and a GELU MLP, a final LayerNorm and a linear `head` on the
+class token. Sizes come from `VIT_SIZES` (`'tiny'` for CPU runs up to `'B/16'`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+from flax import nnx
+import jax
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class ViTSize:
+  patch: int
+  hidden: int
+  depth: int
+  heads: int
+  mlp_dim: int
+
+
+VIT_SIZES = {
+    'tiny': ViTSize(patch=4, hidden=64, depth=4, heads=4, mlp_dim=128),
+    'S/16': ViTSize(patch=16, hidden=384, depth=12, heads=6, mlp_dim=1536),
+    'B/16': ViTSize(patch=16, hidden=768, depth=12, heads=12, mlp_dim=3072),
+}
+
+
+def vit_size(name: str) -> ViTSize:
+  """The `ViTSize` called `name`; ValueError naming the allowed ones otherwise."""
+  if name not in VIT_SIZES:
+    raise ValueError(f'Unknown ViT size {name!r}; allowed: {sorted(VIT_SIZES)}.')
+  return VIT_SIZES[name]
+
+
+def _attention(q, k, v, dtype):
+  """Softmax attention over (batch, seq, heads, head_dim) tensors, softmax in float32."""
+  logits = jnp.einsum('bqhd,bkhd->bhqk', q, k) / jnp.sqrt(q.shape[-1]).astype(q.dtype)
+  weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(dtype)
+  return jnp.einsum('bhqk,bkhd->bqhd', weights, v)
+
+
+class _Block(nn.Module):
+  hidden: int
+  heads: int
+  mlp_dim: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    head_dim = self.hidden // self.heads
+    h = nn.LayerNorm(dtype=self.dtype, name='norm1')(x)
+    qkv = [nn.DenseGeneral((self.heads, head_dim), dtype=self.dtype, name=n)(h)
+           for n in ('query', 'key', 'value')]
+    o = _attention(*qkv, self.dtype)
+    x = x + nn.DenseGeneral(self.hidden, axis=(-2, -1), dtype=self.dtype, name='out')(o)
+    h = nn.LayerNorm(dtype=self.dtype, name='norm2')(x)
+    h = nn.gelu(nn.Dense(self.mlp_dim, dtype=self.dtype, name='mlp1')(h))
+    return x + nn.Dense(self.hidden, dtype=self.dtype, name='mlp2')(h)
+
+
+class ViT(nn.Module):
+  """ViT classifier (linen). Input: images (batch, height, width, channels).
+
+  Attributes:
+    num_classes: classes of the `head`.
+    size: a `VIT_SIZES` name.
+    dtype: compute dtype (parameters stay float32).
+  """
+  num_classes: int = 10
+  size: str = 'tiny'
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, images):
+    s = vit_size(self.size)
+    x = nn.Conv(s.hidden, (s.patch, s.patch), strides=(s.patch, s.patch), padding='VALID',
+                dtype=self.dtype, name='patch_embed')(images)
+    b = x.shape[0]
+    x = x.reshape(b, -1, s.hidden)
+    cls = self.param('cls_token', nn.initializers.zeros, (1, 1, s.hidden))
+    x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, s.hidden)).astype(x.dtype), x], axis=1)
+    pos = self.param('pos_embed', nn.initializers.normal(0.02), (1, x.shape[1], s.hidden))
+    x = x + pos.astype(x.dtype)
+    for i in range(s.depth):
+      x = _Block(s.hidden, s.heads, s.mlp_dim, self.dtype, name=f'block{i}')(x)
+    x = nn.LayerNorm(dtype=self.dtype, name='norm')(x)
+    return nn.Dense(self.num_classes, dtype=self.dtype, name='head')(x[:, 0])
+
+
+class _NnxBlock(nnx.Module):
+
+  def __init__(self, s: ViTSize, rngs: nnx.Rngs):
+    head_dim = s.hidden // s.heads
+    self.norm1 = nnx.LayerNorm(s.hidden, rngs=rngs)
+    self.query = nnx.LinearGeneral(s.hidden, (s.heads, head_dim), rngs=rngs)
+    self.key = nnx.LinearGeneral(s.hidden, (s.heads, head_dim), rngs=rngs)
+    self.value = nnx.LinearGeneral(s.hidden, (s.heads, head_dim), rngs=rngs)
+    self.out = nnx.LinearGeneral((s.heads, head_dim), s.hidden, axis=(-2, -1), rngs=rngs)
+    self.norm2 = nnx.LayerNorm(s.hidden, rngs=rngs)
+    self.mlp1 = nnx.Linear(s.hidden, s.mlp_dim, rngs=rngs)
+    self.mlp2 = nnx.Linear(s.mlp_dim, s.hidden, rngs=rngs)
+
+  def __call__(self, x):
+    h = self.norm1(x)
+    x = x + self.out(_attention(self.query(h), self.key(h), self.value(h), x.dtype))
+    return x + self.mlp2(nnx.gelu(self.mlp1(self.norm2(x))))
+
+
+class NnxViT(nnx.Module):
+  """The same ViT in Flax NNX (same parameter names and shapes, minus linen's `params` level).
+
+  Args:
+    num_classes: classes of the `head`.
+    size: a `VIT_SIZES` name.
+    image_size: input height and width (for the position embeddings).
+    channels: input channels.
+    rngs: NNX random streams.
+  """
+
+  def __init__(self, num_classes: int = 10, size: str = 'tiny', *, image_size: int = 16,
+               channels: int = 1, rngs: nnx.Rngs):
+    s = vit_size(size)
+    if image_size % s.patch:
+      raise ValueError(f'image_size={image_size} is not a multiple of the patch size {s.patch}.')
+    self.hidden = s.hidden
+    self.patch_embed = nnx.Conv(channels, s.hidden, (s.patch, s.patch),
+                                strides=(s.patch, s.patch), padding='VALID', rngs=rngs)
+    n = (image_size // s.patch) ** 2 + 1
+    self.cls_token = nnx.Param(jnp.zeros((1, 1, s.hidden)))
+    self.pos_embed = nnx.Param(0.02 * jax.random.normal(rngs.params(), (1, n, s.hidden)))
+    for i in range(s.depth):
+      setattr(self, f'block{i}', _NnxBlock(s, rngs))
+    self.depth = s.depth
+    self.norm = nnx.LayerNorm(s.hidden, rngs=rngs)
+    self.head = nnx.Linear(s.hidden, num_classes, rngs=rngs)
+
+  def __call__(self, images):
+    x = self.patch_embed(images)
+    b = x.shape[0]
+    x = x.reshape(b, -1, self.hidden)
+    cls = jnp.broadcast_to(self.cls_token[...], (b, 1, self.hidden)).astype(x.dtype)
+    x = jnp.concatenate([cls, x], axis=1) + self.pos_embed[...]
+    for i in range(self.depth):
+      x = getattr(self, f'block{i}')(x)
+    return self.head(self.norm(x)[:, 0])
