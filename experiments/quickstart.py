@@ -1,4 +1,6 @@
-"""Pretrain a small CNN on digits 0-4, then LoRA-fine-tune it on digits 5-9.
+"""The core API in one screen: pretrain a small CNN on digits 0-4, LoRA-fine-tune it on 5-9.
+
+(The full experiment runner, with configs, checkpoints and resumption, is `experiments.train`.)
 
     python -m experiments.quickstart [--pretrain_steps 600] [--adapt_steps 600] [--rank 8]
 
@@ -19,21 +21,13 @@ import numpy as np
 import optax
 
 import lorax_jax as lj
-from lorax_jax.data import digits
+from lorax_jax.data import Batches, digits
 from lorax_jax.models import SmallCNN
 
 _PRETRAIN_STEPS = flags.DEFINE_integer('pretrain_steps', 600, 'Steps of full pretraining.')
 _ADAPT_STEPS = flags.DEFINE_integer('adapt_steps', 600, 'Steps of LoRA fine-tuning.')
 _RANK = flags.DEFINE_integer('rank', 8, 'LoRA rank.')
 _SEED = flags.DEFINE_integer('seed', 0, 'Random seed.')
-
-
-def _batches(x, y, batch_size, seed):
-  rng = np.random.default_rng(seed)
-  while True:
-    idx = rng.permutation(len(x))
-    for i in range(0, len(idx) - batch_size + 1, batch_size):
-      yield x[idx[i:i + batch_size]], y[idx[i:i + batch_size]]
 
 
 def _xent(logits, labels):
@@ -63,7 +57,7 @@ def run(pretrain_steps: int = 600, adapt_steps: int = 600, rank: int = 8, seed: 
     u, s = tx.update(g, s, p)
     return optax.apply_updates(p, u), s, loss
 
-  data = _batches(*old_train, batch_size, seed)
+  data = Batches(old_train, batch_size, seed).iterate()
   for _ in range(pretrain_steps):
     params, opt_state, _ = pretrain_step(params, opt_state, *next(data))
   base_old = float(accuracy(params, *old_test))
@@ -88,7 +82,7 @@ def run(pretrain_steps: int = 600, adapt_steps: int = 600, rank: int = 8, seed: 
   tx = lj.optimizer(2e-3, loraplus_ratio=4.0, weight_decay=1e-4)
   opt_state = tx.init(adapters)
   step = lj.make_train_step(loss_fn, tx)
-  data = _batches(*new_train, batch_size, seed + 1)
+  data = Batches(new_train, batch_size, seed + 1).iterate()
   loss = float('nan')
   for _ in range(adapt_steps):
     adapters, opt_state, loss = step(params, adapters, opt_state, next(data))

@@ -1,0 +1,40 @@
+"""Helpers shared by configs: a typed parser for the `--config file.py:ARG` argument."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+
+
+def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
+  """Parses `'quick,rank=4,model=cnn'` into a ConfigDict typed by `defaults`.
+
+  A bare name sets a boolean default to True. Values are converted to the default's type.
+
+  Raises:
+    ValueError: for a key that is not in `defaults`, or a value of the wrong type.
+  """
+  out = dict(defaults)
+  for item in filter(None, (arg or '').split(',')):
+    key, _, value = item.partition('=')
+    key = key.strip()
+    if key not in defaults:
+      raise ValueError(f'Unknown config argument {key!r}; allowed: {sorted(defaults)}.')
+    default = defaults[key]
+    if not _:
+      if not isinstance(default, bool):
+        raise ValueError(f'Config argument {key!r} needs a value ({key}=...).')
+      out[key] = True
+      continue
+    try:
+      if isinstance(default, bool):
+        if value.lower() not in ('true', 'false', '1', '0'):
+          raise ValueError(value)
+        out[key] = value.lower() in ('true', '1')
+      else:
+        out[key] = type(default)(value)
+    except ValueError:
+      raise ValueError(f'Config argument {key}={value!r} is not a {type(default).__name__}.'
+                       ) from None
+  return ml_collections.ConfigDict(out)

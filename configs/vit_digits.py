@@ -1,0 +1,35 @@
+"""Pretrain a vision model on digits 0-4, adapt it to digits 5-9 (scikit-learn's real digits).
+
+    python -m experiments.train --config configs/vit_digits.py:quick --workdir /tmp/run
+
+Arguments (comma-separated): `quick` (CPU/test sizes), `model=vit|cnn|resnet`,
+`method=lora|full|head` (LoRA, full fine-tuning, or head-only baselines), `rank=N`.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from configs import common
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  a = common.parse_arg(arg, quick=False, model='vit', method='lora', rank=8)
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.model = ml_collections.ConfigDict(dict(
+      name=a.model, size='tiny', num_classes=10))
+  c.data = ml_collections.ConfigDict(dict(
+      name='digits', image_size=16 if a.model == 'vit' else 8,
+      pretrain_classes=(0, 1, 2, 3, 4), adapt_classes=(5, 6, 7, 8, 9), batch_size=64))
+  c.base = ml_collections.ConfigDict(dict(
+      steps=150 if a.quick else 600, learning_rate=1e-3, dir=''))
+  c.method = a.method
+  c.adapter = ml_collections.ConfigDict(dict(
+      variant='lora', rank=a.rank, alpha=2.0 * a.rank, scaling='alpha/r', dropout=0.0))
+  c.train = ml_collections.ConfigDict(dict(
+      steps=100 if a.quick else 600, learning_rate=3e-3 if a.method != 'full' else 1e-3,
+      warmup_steps=20 if a.quick else 50, weight_decay=1e-4, loraplus_ratio=4.0,
+      eval_every=50 if a.quick else 200, checkpoint_every=25 if a.quick else 100,
+      max_to_keep=2, log_every=10))
+  return c

@@ -1,0 +1,276 @@
+"""Train one experiment: obtain the base model, adapt it, evaluate, checkpoint, resume.
+
+    python -m experiments.train --config configs/vit_digits.py:quick --workdir /tmp/run
+
+With no flags it runs the default config (a tiny ViT pretrained on digits 0-4, LoRA-adapted to
+5-9) in $TMPDIR/lorax_jax/vit_digits.
+
+`train_and_evaluate(config, workdir)` is the importable logic (notebooks and tests call it):
+  1. the base: pretrained once on the config's pretraining classes and cached under the base
+     directory (`config.base.dir`, else $LORAX_JAX_CACHE, else ~/.cache/lorax_jax/bases), keyed by
+     everything that determines it, so later runs and sweeps reuse it;
+  2. selection and adapters from the config (`method`: 'lora', or the 'full' and 'head' baselines);
+  3. optax training (warmup + cosine) of the adapters only, evaluated periodically;
+  4. orbax checkpoints of adapters, optimizer state and step (data order and dropout keys are
+     functions of the step), so a killed run resumes where its last checkpoint left it and ends
+     with the same numbers; a NaN/inf loss stops the run with an error naming the step;
+  5. metrics as JSON lines and TensorBoard events in the workdir, `results.json` at the end.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from typing import Any
+
+from absl import app
+from absl import flags
+from absl import logging
+import flax
+import jax
+import jax.numpy as jnp
+from ml_collections import config_flags
+import numpy as np
+import optax
+
+import lorax_jax as lj
+from lorax_jax import checkpoints as ckpt_lib
+from lorax_jax import metrics as metrics_lib
+from lorax_jax.data import Batches, digits
+from lorax_jax.models import ResNet, SmallCNN, ViT
+
+METHODS = ('lora', 'full', 'head')
+MODELS = ('vit', 'cnn', 'resnet')
+
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                           'configs', 'vit_digits.py'), 'Experiment config file (`file.py:arg`).')
+_WORKDIR = flags.DEFINE_string(
+    'workdir', os.path.join(tempfile.gettempdir(), 'lorax_jax', 'vit_digits'),
+    'Directory for checkpoints and metrics; rerunning with the same one resumes.')
+
+
+def build_model(config):
+  """The model named by `config.model.name`."""
+  m = config.model
+  if m.name == 'vit':
+    return ViT(num_classes=m.num_classes, size=m.size)
+  if m.name == 'cnn':
+    return SmallCNN(num_classes=m.num_classes)
+  if m.name == 'resnet':
+    return ResNet(num_classes=m.num_classes)
+  raise ValueError(f'Unknown model {m.name!r}; allowed: {list(MODELS)}.')
+
+
+def _check(config):
+  if config.method not in METHODS:
+    raise ValueError(f'Unknown method {config.method!r}; allowed: {list(METHODS)}.')
+  build_model(config)
+  if config.data.name != 'digits':
+    raise ValueError(f"Unknown data {config.data.name!r}; allowed: ['digits'].")
+  for name in ('steps', 'eval_every', 'checkpoint_every', 'log_every'):
+    if config.train[name] <= 0:
+      raise ValueError(f'train.{name}={config.train[name]} must be > 0.')
+  if not 0 <= config.train.warmup_steps < config.train.steps:
+    raise ValueError(f'train.warmup_steps={config.train.warmup_steps} must be in '
+                     f'[0, train.steps={config.train.steps}).')
+
+
+def _split(config, classes, part):
+  return digits(classes, split=part, size=config.data.image_size, seed=config.seed)
+
+
+def _xent(logits, labels):
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def _digest(obj) -> str:
+  return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def base_dir(config) -> str:
+  return (config.base.dir or os.environ.get('LORAX_JAX_CACHE') or
+          os.path.join(os.path.expanduser('~'), '.cache', 'lorax_jax', 'bases'))
+
+
+def obtain_base(config, model, example):
+  """Loads the cached pretrained base, or pretrains and caches it. Returns (params, path)."""
+  identity = dict(model=config.model.to_dict(), image_size=config.data.image_size,
+                  classes=list(config.data.pretrain_classes), base=dict(
+                      steps=config.base.steps, learning_rate=config.base.learning_rate,
+                      batch_size=config.data.batch_size), seed=config.seed)
+  path = os.path.join(base_dir(config), f'{config.model.name}-{_digest(identity)}.msgpack')
+  params = model.init(jax.random.key(config.seed), example)
+  if os.path.exists(path):
+    with open(path, 'rb') as f:
+      try:
+        return flax.serialization.from_bytes(params, f.read()), path, False
+      except (ValueError, KeyError) as e:
+        raise ValueError(f'Cached base {path} does not fit the model: {e}') from None
+  x, y = _split(config, config.data.pretrain_classes, 'train')
+  tx = optax.adam(config.base.learning_rate)
+
+  @jax.jit
+  def step(p, s, xb, yb):
+    loss, g = jax.value_and_grad(lambda p: _xent(model.apply(p, xb), yb))(p)
+    u, s = tx.update(g, s, p)
+    return optax.apply_updates(p, u), s, loss
+
+  opt_state = tx.init(params)
+  batches = Batches((x, y), config.data.batch_size, seed=config.seed)
+  for i in range(config.base.steps):
+    params, opt_state, _ = step(params, opt_state, *batches.batch(i))
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = f'{path}.tmp{os.getpid()}'
+  with open(tmp, 'wb') as f:
+    f.write(flax.serialization.to_bytes(params))
+  os.replace(tmp, path)
+  return params, path, True
+
+
+def _rules(config):
+  if config.method == 'full':
+    return [('.*', 'full')]
+  if config.method == 'head':
+    return [(r'(^|/)head/', 'full')]
+  a = config.adapter
+  return [(r'(^|/)head/', 'full')] + lj.dense_kernels(
+      variant=a.variant, rank=a.rank, alpha=a.alpha, scaling=a.scaling, dropout=a.dropout)
+
+
+def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
+  """Runs (or resumes) the experiment described by `config` in `workdir`; returns its results.
+
+  Raises:
+    ValueError: for a bad config, a checkpoint that does not fit the model, or a loss that
+      becomes NaN or infinite (the message names the step; the last good checkpoint is kept).
+  """
+  _check(config)
+  t_start = time.time()
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, 'config.json'), 'w') as f:
+    f.write(config.to_json_best_effort(indent=2))
+  model = build_model(config)
+  x_tr, y_tr = _split(config, config.data.adapt_classes, 'train')
+  x_te, y_te = _split(config, config.data.adapt_classes, 'test')
+  x_old, y_old = _split(config, config.data.pretrain_classes, 'test')
+  params, base_path, pretrained_now = obtain_base(config, model, x_tr[:1])
+
+  spec = lj.make_spec(params, _rules(config), fn=model.apply, args=(x_tr[:1],))
+  params, adapters = lj.init(jax.random.fold_in(jax.random.key(config.seed), 1), params, spec)
+  n_trainable = lj.count_params(adapters)
+  n_total = sum(int(np.prod(np.shape(l))) for l in jax.tree_util.tree_leaves(params))
+
+  apply = lj.lora(model.apply)
+  t = config.train
+  schedule = optax.warmup_cosine_decay_schedule(0.0, t.learning_rate, t.warmup_steps, t.steps,
+                                                end_value=0.1 * t.learning_rate)
+  tx = lj.optimizer(schedule, loraplus_ratio=t.loraplus_ratio if config.method == 'lora' else 1.0,
+                    weight_decay=t.weight_decay)
+
+  def loss_fn(joined, batch, rng):
+    xb, yb = batch
+    return _xent(apply(joined, xb, lora_rng=rng), yb)
+
+  step_fn = lj.make_train_step(loss_fn, tx)
+  all_finite = jax.jit(lambda tree: jnp.all(jnp.stack(
+      [jnp.all(jnp.isfinite(l)) for l in jax.tree_util.tree_leaves(tree)])))
+  evaluate = jax.jit(lambda p, a, x, y: jnp.mean(jnp.argmax(apply(lj.join(p, a), x), -1) == y))
+  base_eval = jax.jit(lambda p, x, y: jnp.mean(jnp.argmax(model.apply(p, x), -1) == y))
+
+  key = jax.random.key(config.seed)
+  state = {'adapters': adapters, 'opt_state': tx.init(adapters), 'step': jnp.int32(0),
+           'rng': jax.random.key_data(key)}
+  metadata = dict(config=_digest(config.to_dict()), base=os.path.basename(base_path),
+                  method=config.method)
+  ckpts = ckpt_lib.Checkpoints(os.path.join(workdir, 'checkpoints'), t.checkpoint_every,
+                               t.max_to_keep)
+  start = 0
+  meta = ckpts.latest_metadata()
+  if meta is not None and (meta.get('config') != metadata['config'] or
+                           meta.get('base') != metadata['base']):
+    ckpts.close()
+    raise ValueError(f'The checkpoint in {ckpts.directory} was written by another config or '
+                     f'base ({meta}); expected {metadata}. Use a new workdir.')
+  restored = ckpts.restore_latest(state)
+  if restored is not None:
+    start, state, _ = restored
+    logging.info('Resuming from step %d.', start)
+
+  writer = metrics_lib.MetricWriter(workdir, enabled=jax.process_index() == 0)
+  progress = metrics_lib.Progress(t.steps, start, enabled=jax.process_index() == 0)
+  batches = Batches((x_tr, y_tr), config.data.batch_size, seed=config.seed + 1)
+  adapters, opt_state = state['adapters'], state['opt_state']
+  step_times = []
+  for step in range(start, t.steps):
+    t0 = time.time()
+    adapters, opt_state, loss = step_fn(params, adapters, opt_state, batches.batch(step),
+                                        jax.random.fold_in(key, step))
+    loss = float(loss)
+    step_times.append(time.time() - t0)
+    if not np.isfinite(loss):
+      ckpts.close()
+      raise ValueError(f'Loss became {loss} at step {step + 1}; training stopped. The last good '
+                       f'checkpoint (step {max(ckpts.steps(), default=0)}) is kept in '
+                       f'{ckpts.directory}.')
+    done = step + 1
+    if done % t.log_every == 0 or done == t.steps:
+      writer.write(done, {'loss': loss, 'learning_rate': float(schedule(step))})
+      progress.update(done, loss=loss)
+    if done % t.eval_every == 0 or done == t.steps:
+      writer.write(done, {'accuracy': float(evaluate(params, adapters, x_te, y_te))})
+    if (done % t.checkpoint_every == 0 or done == t.steps) and not all_finite(adapters):
+      ckpts.close()
+      raise ValueError(f'Adapters became NaN or infinite at step {done}; training stopped. The '
+                       f'last good checkpoint (step {max(ckpts.steps(), default=0)}) is kept in '
+                       f'{ckpts.directory}.')
+    ckpts.save(done, {'adapters': adapters, 'opt_state': opt_state, 'step': jnp.int32(done),
+                      'rng': state['rng']}, metadata, force=done == t.steps)
+  ckpts.close()
+  progress.close()
+
+  results = dict(
+      method=config.method, model=config.model.name,
+      base_accuracy=float(base_eval(params, x_te, y_te)),
+      base_accuracy_pretrain_classes=float(base_eval(params, x_old, y_old)),
+      accuracy=float(evaluate(params, adapters, x_te, y_te)),
+      accuracy_pretrain_classes=float(evaluate(params, adapters, x_old, y_old)),
+      trainable_params=n_trainable, total_params=n_total,
+      trainable_fraction=n_trainable / n_total, steps=t.steps, resumed_from=start,
+      base_pretrained_now=pretrained_now,
+      step_seconds=float(np.median(step_times)) if step_times else None,
+      seconds=time.time() - t_start)
+  writer.write(t.steps, {'final_accuracy': results['accuracy']})
+  writer.close()
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'results.json'), 'w') as f:
+      json.dump(results, f, indent=2)
+  return results
+
+
+def summary(results: dict[str, Any]) -> str:
+  r = results
+  return '\n'.join([
+      f'{r["model"]} / {r["method"]}: adapted to the new classes in {r["steps"]} steps',
+      f'  base accuracy on new classes:    {r["base_accuracy"]:.3f}',
+      f'  adapted accuracy on new classes: {r["accuracy"]:.3f}',
+      f'  accuracy on pretraining classes: {r["base_accuracy_pretrain_classes"]:.3f} -> '
+      f'{r["accuracy_pretrain_classes"]:.3f}',
+      f'  trainable parameters: {r["trainable_params"]:,} of {r["total_params"]:,} '
+      f'({100 * r["trainable_fraction"]:.2f}%)',
+      f'  time: {r["seconds"]:.1f} s' + (f' (resumed from step {r["resumed_from"]})'
+                                          if r['resumed_from'] else ''),
+  ])
+
+
+def main(argv):
+  del argv
+  results = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  print(summary(results))
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,171 @@
+"""The training loop: smoke runs per model and method, base caching, resume after SIGKILL,
+checkpoint fallback, NaN stops, config errors, metrics files."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import common
+from configs import vit_digits
+from experiments import train
+from lorax_jax import checkpoints as ckpt_lib
+from lorax_jax import metrics as metrics_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _config(tmp_path, arg='quick', **train_overrides):
+  c = vit_digits.get_config(arg)
+  c.base.steps = 3
+  c.base.dir = str(tmp_path / 'bases')
+  c.train.steps = 3
+  c.train.warmup_steps = 1
+  c.train.eval_every = 2
+  c.train.checkpoint_every = 2
+  c.train.log_every = 1
+  for k, v in train_overrides.items():
+    c.train[k] = v
+  return c
+
+
+@pytest.mark.parametrize('arg', ['quick', 'quick,model=cnn', 'quick,model=resnet',
+                                 'quick,method=full', 'quick,method=head'])
+def test_one_run_per_model_and_method(tmp_path, arg):
+  c = _config(tmp_path, arg)
+  r = train.train_and_evaluate(c, str(tmp_path / 'run'))
+  assert r['steps'] == 3 and 0.0 <= r['accuracy'] <= 1.0
+  assert r['base_pretrained_now']
+  if c.method == 'full':
+    assert r['trainable_params'] == r['total_params']
+  else:
+    assert 0 < r['trainable_fraction'] < 0.5
+  saved = json.load(open(tmp_path / 'run' / 'results.json'))
+  assert saved['accuracy'] == r['accuracy']
+  lines = [json.loads(l) for l in open(tmp_path / 'run' / 'metrics.jsonl')]
+  assert [l['step'] for l in lines if 'loss' in l] == [1, 2, 3]
+  events = glob.glob(str(tmp_path / 'run' / 'events.out.tfevents.*'))
+  assert len(events) == 1 and len(metrics_lib.read_tfrecords(events[0])) >= 4
+
+
+def test_base_is_cached_and_reused(tmp_path):
+  c = _config(tmp_path)
+  r1 = train.train_and_evaluate(c, str(tmp_path / 'a'))
+  r2 = train.train_and_evaluate(c, str(tmp_path / 'b'))
+  assert r1['base_pretrained_now'] and not r2['base_pretrained_now']
+  assert r1['base_accuracy_pretrain_classes'] == r2['base_accuracy_pretrain_classes']
+  assert r1['accuracy'] == r2['accuracy']          # same config and seed, same numbers
+  assert len(glob.glob(str(tmp_path / 'bases' / '*.msgpack'))) == 1
+
+
+def test_rerun_of_a_finished_run_resumes_at_the_end(tmp_path):
+  c = _config(tmp_path)
+  r1 = train.train_and_evaluate(c, str(tmp_path / 'a'))
+  r2 = train.train_and_evaluate(c, str(tmp_path / 'a'))
+  assert r2['resumed_from'] == 3 and r2['accuracy'] == r1['accuracy']
+
+
+def test_checkpoint_of_another_config_is_refused(tmp_path):
+  train.train_and_evaluate(_config(tmp_path), str(tmp_path / 'a'))
+  other = _config(tmp_path, 'quick,rank=4')
+  with pytest.raises(ValueError, match='written by another config or base'):
+    train.train_and_evaluate(other, str(tmp_path / 'a'))
+
+
+def test_nan_stops_training_naming_the_step(tmp_path):
+  c = _config(tmp_path, learning_rate=float('nan'), checkpoint_every=1)
+  with pytest.raises(ValueError, match=re.escape('became NaN or infinite at step 1')):
+    train.train_and_evaluate(c, str(tmp_path / 'a'))
+  assert not os.path.exists(tmp_path / 'a' / 'checkpoints' / '1')
+
+
+@pytest.mark.parametrize('arg,message', [
+    ('quick,method=magic', "Unknown method 'magic'; allowed: ['lora', 'full', 'head']"),
+    ('quick,model=mlp', "Unknown model 'mlp'; allowed: ['vit', 'cnn', 'resnet']"),
+])
+def test_bad_config_values(tmp_path, arg, message):
+  with pytest.raises(ValueError, match=re.escape(message)):
+    train.train_and_evaluate(_config(tmp_path, arg), str(tmp_path / 'a'))
+
+
+@pytest.mark.parametrize('arg,message', [
+    ('quick,rnak=3', "Unknown config argument 'rnak'; allowed: ['method', 'model', 'quick', "
+                     "'rank']"),
+    ('rank=three', "Config argument rank='three' is not a int"),
+    ('model', "Config argument 'model' needs a value"),
+])
+def test_bad_config_arguments(arg, message):
+  with pytest.raises(ValueError, match=re.escape(message)):
+    vit_digits.get_config(arg)
+
+
+def test_parse_arg_types():
+  a = common.parse_arg('quick,rank=4,lr=0.5', quick=False, rank=8, lr=1.0, name='x')
+  assert (a.quick, a.rank, a.lr, a.name) == (True, 4, 0.5, 'x')
+
+
+def test_corrupt_latest_checkpoint_falls_back(tmp_path, caplog):
+  ck = ckpt_lib.Checkpoints(str(tmp_path / 'ck'), interval=1, max_to_keep=3)
+  state = {'w': jnp.arange(6.0).reshape(2, 3), 'step': jnp.int32(0)}
+  for step in (1, 2):
+    ck.save(step, {'w': state['w'] * step, 'step': jnp.int32(step)}, {'tag': step})
+  ck.close()
+  for f in glob.glob(str(tmp_path / 'ck' / '2' / 'state' / '**' / '*'), recursive=True):
+    if os.path.isfile(f):
+      with open(f, 'r+b') as fh:
+        fh.truncate(max(0, os.path.getsize(f) // 3))
+  ck = ckpt_lib.Checkpoints(str(tmp_path / 'ck'), interval=1, max_to_keep=3)
+  step, restored, meta = ck.restore_latest(state)
+  assert step == 1 and meta == {'tag': 1}
+  np.testing.assert_array_equal(restored['w'], state['w'])
+  assert 'falling back' in caplog.text
+  with pytest.raises(ValueError, match='fits the model'):
+    ck.restore_latest({'w': jnp.zeros((5,)), 'step': jnp.int32(0)})
+
+
+def _cmd(workdir, cache):
+  return ([sys.executable, '-m', 'experiments.train',
+           '--config', 'configs/vit_digits.py:quick,model=cnn', '--workdir', workdir,
+           '--config.train.steps=60', '--config.train.checkpoint_every=10',
+           '--config.base.steps=20', f'--config.base.dir={cache}'])
+
+
+def test_sigkill_and_rerun_gives_the_same_final_metrics(tmp_path):
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  cache = str(tmp_path / 'bases')
+  ref_dir, dir_ = str(tmp_path / 'ref'), str(tmp_path / 'killed')
+  subprocess.run(_cmd(ref_dir, cache), cwd=ROOT, env=env, check=True, capture_output=True,
+                 timeout=600)
+  proc = subprocess.Popen(_cmd(dir_, cache), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  deadline = time.time() + 300
+  ckdir = os.path.join(dir_, 'checkpoints')
+  while time.time() < deadline:
+    steps = [d for d in (os.listdir(ckdir) if os.path.isdir(ckdir) else []) if d.isdigit()]
+    if steps and max(map(int, steps)) >= 20:
+      break
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert not os.path.exists(os.path.join(dir_, 'results.json'))
+  out = subprocess.run(_cmd(dir_, cache), cwd=ROOT, env=env, check=True, capture_output=True,
+                       text=True, timeout=600)
+  ref = json.load(open(os.path.join(ref_dir, 'results.json')))
+  got = json.load(open(os.path.join(dir_, 'results.json')))
+  assert 0 < got['resumed_from'] < 60
+  for key in ('accuracy', 'accuracy_pretrain_classes', 'base_accuracy'):
+    assert got[key] == ref[key], (key, out.stdout)
+  last = lambda d: [json.loads(l) for l in open(os.path.join(d, 'metrics.jsonl'))
+                    if '"loss"' in l][-1]
+  assert last(dir_)['loss'] == last(ref_dir)['loss']
