@@ -171,8 +171,7 @@ def test_identity_at_init(name, dtype):
   case, params, args, adapters = _setup(name, dtype)
   base = case.fn(params, *args)
   out = lj.lora(case.fn)(lj.join(params, adapters), *args)
-  np.testing.assert_array_equal(np.asarray(out.astype(jnp.float32)),
-                                np.asarray(base.astype(jnp.float32)))
+  helpers.assert_same_as_base(out, base)
 
 
 @pytest.mark.parametrize('dtype', DTYPES, ids=lambda d: jnp.dtype(d).name)

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 
 
 def rotary(x: jnp.ndarray, base: float = 10000.0) -> jnp.ndarray:
+  # The "rotate half" convention of Hugging Face Llama checkpoints.
   """Rotary position embedding over the last axis of x: (batch, seq, heads, head_dim)."""
   seq, dim = x.shape[1], x.shape[-1]
   freqs = base ** (-jnp.arange(0, dim, 2, dtype=jnp.float32) / dim)
@@ -30,17 +31,19 @@ class Block(nn.Module):
   mlp_dim: int
   num_kv_heads: int | None = None
   dtype: jnp.dtype = jnp.float32
+  norm_eps: float = 1e-6
+  rope_theta: float = 10000.0
 
   @nn.compact
   def __call__(self, x, _=None):
     head_dim = self.d_model // self.num_heads
     kv_heads = self.num_kv_heads or self.num_heads
     groups = self.num_heads // kv_heads
-    h = nn.RMSNorm(dtype=self.dtype, name='attn_norm')(x)
+    h = nn.RMSNorm(epsilon=self.norm_eps, dtype=self.dtype, name='attn_norm')(x)
     proj = lambda name, heads: nn.DenseGeneral((heads, head_dim), use_bias=False,
                                                dtype=self.dtype, name=name)(h)
-    q = rotary(proj('query', self.num_heads))
-    k, v = rotary(proj('key', kv_heads)), proj('value', kv_heads)
+    q = rotary(proj('query', self.num_heads), self.rope_theta)
+    k, v = rotary(proj('key', kv_heads), self.rope_theta), proj('value', kv_heads)
     b, seq = x.shape[:2]
     q = q.reshape(b, seq, kv_heads, groups, head_dim)
     mask = jnp.tril(jnp.ones((seq, seq), bool))
@@ -50,7 +53,7 @@ class Block(nn.Module):
     o = jnp.einsum('bhgqk,bkhd->bqhgd', attn, v).reshape(b, seq, self.num_heads, head_dim)
     x = x + nn.DenseGeneral(self.d_model, axis=(-2, -1), use_bias=False, dtype=self.dtype,
                             name='out')(o)
-    h = nn.RMSNorm(dtype=self.dtype, name='mlp_norm')(x)
+    h = nn.RMSNorm(epsilon=self.norm_eps, dtype=self.dtype, name='mlp_norm')(x)
     gate = nn.Dense(self.mlp_dim, use_bias=False, dtype=self.dtype, name='gate')(h)
     up = nn.Dense(self.mlp_dim, use_bias=False, dtype=self.dtype, name='up')(h)
     x = x + nn.Dense(self.d_model, use_bias=False, dtype=self.dtype, name='down')(
@@ -77,6 +80,8 @@ class Decoder(nn.Module):
   scan_layers: bool = False
   remat: bool = False
   dtype: jnp.dtype = jnp.float32
+  norm_eps: float = 1e-6
+  rope_theta: float = 10000.0
 
   @nn.compact
   def __call__(self, tokens: jnp.ndarray) -> jnp.ndarray:
@@ -86,14 +91,15 @@ class Decoder(nn.Module):
       raise ValueError(f'num_heads={self.num_heads} must divide d_model={self.d_model} and be a '
                        f'multiple of num_kv_heads={self.num_kv_heads}.')
     kw = dict(d_model=self.d_model, num_heads=self.num_heads, mlp_dim=self.mlp_dim,
-              num_kv_heads=self.num_kv_heads, dtype=self.dtype)
+              num_kv_heads=self.num_kv_heads, dtype=self.dtype, norm_eps=self.norm_eps,
+              rope_theta=self.rope_theta)
     if self.scan_layers:
       x, _ = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True},
                      length=self.num_layers)(**kw, name='layers')(x, None)
     else:
       for i in range(self.num_layers):
         x, _ = block(**kw, name=f'layer{i}')(x)
-    x = nn.RMSNorm(dtype=self.dtype, name='final_norm')(x)
+    x = nn.RMSNorm(epsilon=self.norm_eps, dtype=self.dtype, name='final_norm')(x)
     return nn.Dense(self.vocab_size, use_bias=False, dtype=self.dtype, name='head')(x)
 
 
@@ -129,3 +135,78 @@ def generate(apply_fn, params, prompt: jnp.ndarray, steps: int, *, temperature: 
 
   key = key if key is not None else jax.random.key(0)
   return jax.lax.fori_loop(0, steps, body, (tokens, key))[0]
+
+
+def load_hf_llama(directory: str, *, scan_layers: bool = False) -> tuple[Decoder, dict]:
+  """Loads a Hugging Face `LlamaForCausalLM` directory (config.json + model.safetensors).
+
+  Args:
+    directory: the checkpoint directory.
+    scan_layers: build the `nn.scan` variant (per-layer tensors stacked on a leading axis).
+
+  Raises:
+    ValueError: for an unsupported config (biases, non-SiLU activation, scaled RoPE), or listing
+      missing/unexpected/mis-shaped tensors.
+  """
+  import json  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from lorax_jax.models import hf  # pylint: disable=g-import-not-at-top
+  with open(os.path.join(directory, 'config.json')) as f:
+    c = json.load(f)
+  rope = c.get('rope_parameters') or c.get('rope_scaling') or {}
+  unsupported = {k: c[k] for k in ('attention_bias', 'mlp_bias') if c.get(k)}
+  if c.get('hidden_act', 'silu') != 'silu':
+    unsupported['hidden_act'] = c['hidden_act']
+  if rope.get('rope_type', 'default') not in ('default', None):
+    unsupported['rope_type'] = rope['rope_type']
+  if unsupported:
+    raise ValueError(f'Unsupported Llama config fields {unsupported}; supported: no biases, '
+                     "silu, default RoPE.")
+  d, heads = c['hidden_size'], c['num_attention_heads']
+  kv = c.get('num_key_value_heads') or heads
+  head_dim = c.get('head_dim') or d // heads
+  if head_dim * heads != d:
+    raise ValueError(f'head_dim={head_dim} x heads={heads} != hidden_size={d}: not supported.')
+  layers = c['num_hidden_layers']
+  model = Decoder(vocab_size=c['vocab_size'], d_model=d, num_layers=layers, num_heads=heads,
+                  mlp_dim=c['intermediate_size'], num_kv_heads=kv, scan_layers=scan_layers,
+                  norm_eps=c.get('rms_norm_eps', 1e-6),
+                  rope_theta=rope.get('rope_theta', c.get('rope_theta', 10000.0)))
+  tensors = hf.load_safetensors(os.path.join(directory, 'model.safetensors'))
+  if 'lm_head.weight' not in tensors and c.get('tie_word_embeddings'):
+    tensors['lm_head.weight'] = tensors['model.embed_tokens.weight']
+  t = lambda w: w.T
+  per_layer = lambda i: {
+      f'model.layers.{i}.self_attn.q_proj.weight': ('query/kernel',
+                                                    lambda w: w.T.reshape(d, heads, head_dim)),
+      f'model.layers.{i}.self_attn.k_proj.weight': ('key/kernel',
+                                                    lambda w: w.T.reshape(d, kv, head_dim)),
+      f'model.layers.{i}.self_attn.v_proj.weight': ('value/kernel',
+                                                    lambda w: w.T.reshape(d, kv, head_dim)),
+      f'model.layers.{i}.self_attn.o_proj.weight': ('out/kernel',
+                                                    lambda w: w.T.reshape(heads, head_dim, d)),
+      f'model.layers.{i}.mlp.gate_proj.weight': ('gate/kernel', t),
+      f'model.layers.{i}.mlp.up_proj.weight': ('up/kernel', t),
+      f'model.layers.{i}.mlp.down_proj.weight': ('down/kernel', t),
+      f'model.layers.{i}.input_layernorm.weight': ('attn_norm/scale', None),
+      f'model.layers.{i}.post_attention_layernorm.weight': ('mlp_norm/scale', None),
+  }
+  entries = [hf.Entry('model.embed_tokens.weight', 'embed/embedding'),
+             hf.Entry('model.norm.weight', 'final_norm/scale'),
+             hf.Entry('lm_head.weight', 'head/kernel', t)]
+  if scan_layers:
+    for suffix, (path, fn) in per_layer(0).items():
+      name = suffix[len('model.layers.0.'):]
+      keys = [f'model.layers.{i}.{name}' for i in range(layers)]
+      if all(k in tensors for k in keys):
+        tensors[f'model.layers.*.{name}'] = np.stack(
+            [fn(tensors.pop(k)) if fn else tensors.pop(k) for k in keys])
+      entries.append(hf.Entry(f'model.layers.*.{name}', f'layers/{path}'))
+  else:
+    for i in range(layers):
+      entries += [hf.Entry(k, f'layer{i}/{p}', fn) for k, (p, fn) in per_layer(i).items()]
+  abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 2), jnp.int32))
+  params = hf.convert(tensors, entries, abstract['params'],
+                      ignore=(r'rotary_emb\.inv_freq$',))
+  return model, {'params': params}

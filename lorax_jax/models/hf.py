@@ -71,12 +71,15 @@ def convert(tensors: dict[str, np.ndarray], mapping: Sequence[Entry], abstract: 
   for key, entry in by_key.items():
     if key not in stripped:
       continue
-    value = np.asarray(stripped[key])
-    value = entry.transform(value) if entry.transform is not None else value
+    raw = np.asarray(stripped[key])
     target = targets.get(entry.path)
     if target is None:
       unmapped.append(f'{entry.path} (mapping target of {key})')
       continue
+    try:
+      value = entry.transform(raw) if entry.transform is not None else raw
+    except ValueError:  # e.g. a reshape that the stored shape does not allow
+      value = raw
     if tuple(value.shape) != tuple(target.shape):
       misshaped.append(f'{key}: {tuple(stripped[key].shape)} -> {tuple(value.shape)}, '
                        f'model {entry.path} expects {tuple(target.shape)}')

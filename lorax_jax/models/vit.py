@@ -33,8 +33,10 @@ VIT_SIZES = {
 }
 
 
-def vit_size(name: str) -> ViTSize:
-  """The `ViTSize` called `name`; ValueError naming the allowed ones otherwise."""
+def vit_size(name: 'str | ViTSize') -> ViTSize:
+  """The `ViTSize` called `name` (or `name` itself); ValueError naming the allowed ones."""
+  if isinstance(name, ViTSize):
+    return name
   if name not in VIT_SIZES:
     raise ValueError(f'Unknown ViT size {name!r}; allowed: {sorted(VIT_SIZES)}.')
   return VIT_SIZES[name]
@@ -52,17 +54,20 @@ class _Block(nn.Module):
   heads: int
   mlp_dim: int
   dtype: Any = jnp.float32
+  eps: float = 1e-6
+  approximate_gelu: bool = True
 
   @nn.compact
   def __call__(self, x):
     head_dim = self.hidden // self.heads
-    h = nn.LayerNorm(dtype=self.dtype, name='norm1')(x)
+    h = nn.LayerNorm(epsilon=self.eps, dtype=self.dtype, name='norm1')(x)
     qkv = [nn.DenseGeneral((self.heads, head_dim), dtype=self.dtype, name=n)(h)
            for n in ('query', 'key', 'value')]
     o = _attention(*qkv, self.dtype)
     x = x + nn.DenseGeneral(self.hidden, axis=(-2, -1), dtype=self.dtype, name='out')(o)
-    h = nn.LayerNorm(dtype=self.dtype, name='norm2')(x)
-    h = nn.gelu(nn.Dense(self.mlp_dim, dtype=self.dtype, name='mlp1')(h))
+    h = nn.LayerNorm(epsilon=self.eps, dtype=self.dtype, name='norm2')(x)
+    h = nn.gelu(nn.Dense(self.mlp_dim, dtype=self.dtype, name='mlp1')(h),
+                approximate=self.approximate_gelu)
     return x + nn.Dense(self.hidden, dtype=self.dtype, name='mlp2')(h)
 
 
@@ -71,12 +76,16 @@ class ViT(nn.Module):
 
   Attributes:
     num_classes: classes of the `head`.
-    size: a `VIT_SIZES` name.
+    size: a `VIT_SIZES` name or a `ViTSize`.
     dtype: compute dtype (parameters stay float32).
+    layer_norm_eps: LayerNorm epsilon (Hugging Face ViT checkpoints use 1e-12).
+    approximate_gelu: tanh GELU (big_vision) or exact erf GELU (Hugging Face).
   """
   num_classes: int = 10
-  size: str = 'tiny'
+  size: Any = 'tiny'
   dtype: Any = jnp.float32
+  layer_norm_eps: float = 1e-6
+  approximate_gelu: bool = True
 
   @nn.compact
   def __call__(self, images):
@@ -90,8 +99,9 @@ class ViT(nn.Module):
     pos = self.param('pos_embed', nn.initializers.normal(0.02), (1, x.shape[1], s.hidden))
     x = x + pos.astype(x.dtype)
     for i in range(s.depth):
-      x = _Block(s.hidden, s.heads, s.mlp_dim, self.dtype, name=f'block{i}')(x)
-    x = nn.LayerNorm(dtype=self.dtype, name='norm')(x)
+      x = _Block(s.hidden, s.heads, s.mlp_dim, self.dtype, self.layer_norm_eps,
+                 self.approximate_gelu, name=f'block{i}')(x)
+    x = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name='norm')(x)
     return nn.Dense(self.num_classes, dtype=self.dtype, name='head')(x[:, 0])
 
 
@@ -151,3 +161,62 @@ class NnxViT(nnx.Module):
     for i in range(self.depth):
       x = getattr(self, f'block{i}')(x)
     return self.head(self.norm(x)[:, 0])
+
+
+def _hf_vit_mapping(s: ViTSize, depth: int) -> list:
+  from lorax_jax.models import hf  # pylint: disable=g-import-not-at-top
+  heads, head_dim = s.heads, s.hidden // s.heads
+  qkv = lambda w: w.T.reshape(s.hidden, heads, head_dim)
+  e = [hf.Entry('vit.embeddings.cls_token', 'cls_token'),
+       hf.Entry('vit.embeddings.position_embeddings', 'pos_embed'),
+       hf.Entry('vit.embeddings.patch_embeddings.projection.weight', 'patch_embed/kernel',
+                lambda w: w.transpose(2, 3, 1, 0)),
+       hf.Entry('vit.embeddings.patch_embeddings.projection.bias', 'patch_embed/bias'),
+       hf.Entry('vit.layernorm.weight', 'norm/scale'), hf.Entry('vit.layernorm.bias', 'norm/bias'),
+       hf.Entry('classifier.weight', 'head/kernel', lambda w: w.T),
+       hf.Entry('classifier.bias', 'head/bias')]
+  for i in range(depth):
+    p, o = f'vit.encoder.layer.{i}.', f'block{i}/'
+    for n in ('query', 'key', 'value'):
+      e += [hf.Entry(f'{p}attention.attention.{n}.weight', f'{o}{n}/kernel', qkv),
+            hf.Entry(f'{p}attention.attention.{n}.bias', f'{o}{n}/bias',
+                     lambda b: b.reshape(heads, head_dim))]
+    e += [hf.Entry(f'{p}attention.output.dense.weight', f'{o}out/kernel',
+                   lambda w: w.T.reshape(heads, head_dim, s.hidden)),
+          hf.Entry(f'{p}attention.output.dense.bias', f'{o}out/bias'),
+          hf.Entry(f'{p}layernorm_before.weight', f'{o}norm1/scale'),
+          hf.Entry(f'{p}layernorm_before.bias', f'{o}norm1/bias'),
+          hf.Entry(f'{p}layernorm_after.weight', f'{o}norm2/scale'),
+          hf.Entry(f'{p}layernorm_after.bias', f'{o}norm2/bias'),
+          hf.Entry(f'{p}intermediate.dense.weight', f'{o}mlp1/kernel', lambda w: w.T),
+          hf.Entry(f'{p}intermediate.dense.bias', f'{o}mlp1/bias'),
+          hf.Entry(f'{p}output.dense.weight', f'{o}mlp2/kernel', lambda w: w.T),
+          hf.Entry(f'{p}output.dense.bias', f'{o}mlp2/bias')]
+  return e
+
+
+def load_hf_vit(directory: str) -> tuple[ViT, dict[str, Any]]:
+  """Loads a Hugging Face `ViTForImageClassification` directory (config.json +
+  model.safetensors) into `ViT`. Inputs are NHWC images.
+
+  Raises:
+    ValueError: for an unsupported config, or listing missing/unexpected/mis-shaped tensors.
+  """
+  import json  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  from lorax_jax.models import hf  # pylint: disable=g-import-not-at-top
+  with open(os.path.join(directory, 'config.json')) as f:
+    c = json.load(f)
+  if c.get('hidden_act', 'gelu') != 'gelu':
+    raise ValueError(f"hidden_act={c['hidden_act']!r}; only 'gelu' is supported.")
+  size = ViTSize(patch=c['patch_size'], hidden=c['hidden_size'], depth=c['num_hidden_layers'],
+                 heads=c['num_attention_heads'], mlp_dim=c['intermediate_size'])
+  num_classes = len(c.get('id2label') or {}) or c.get('num_labels', 2)
+  model = ViT(num_classes=num_classes, size=size, layer_norm_eps=c.get('layer_norm_eps', 1e-12),
+              approximate_gelu=False)
+  image = jnp.zeros((1, c['image_size'], c['image_size'], c.get('num_channels', 3)))
+  abstract = jax.eval_shape(model.init, jax.random.key(0), image)['params']
+  tensors = hf.load_safetensors(os.path.join(directory, 'model.safetensors'))
+  params = hf.convert(tensors, _hf_vit_mapping(size, size.depth), abstract,
+                      ignore=(r'^vit\.pooler\.',))
+  return model, {'params': params}
