@@ -1,4 +1,4 @@
-"""Hugging Face Llama and ViT checkpoints (tiny, random, written by transformers; see
+"""Hugging Face Llama, GPT-2 and ViT checkpoints (tiny, random, written by transformers; see
 fixtures/make_hf_tiny_references.py) load into the reference models and reproduce the reference
 implementation's outputs."""
 
@@ -15,7 +15,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 import lorax_jax as lj
-from lorax_jax.models import load_hf_llama, load_hf_vit
+from lorax_jax.models import load_hf_gpt2, load_hf_llama, load_hf_vit
 from tests import helpers
 
 FIXTURES = os.path.join(os.path.dirname(__file__), 'fixtures')
@@ -79,3 +79,27 @@ def test_tied_llama_embeddings(tmp_path):
   _, variables = load_hf_llama(path)
   np.testing.assert_array_equal(variables['params']['head']['kernel'],
                                 variables['params']['embed']['embedding'].T)
+
+
+def test_gpt2_matches_reference_logits_and_adapts_the_tied_embedding():
+  model, variables = load_hf_gpt2(os.path.join(FIXTURES, 'tiny_gpt2'))
+  ref = np.load(os.path.join(FIXTURES, 'tiny_gpt2', 'reference.npz'))
+  out = jax.jit(model.apply)(variables, ref['tokens'])
+  np.testing.assert_allclose(out, ref['logits'], atol=1e-5, rtol=1e-5)
+  rules = [('wte', {'rank': 2})] + lj.dense_kernels(rank=2)
+  spec = lj.make_spec(variables, rules, fn=model.apply, args=(ref['tokens'],))
+  params, adapters = lj.init(jax.random.key(0), variables, spec)
+  apply = lj.lora(model.apply, strict=True)
+  helpers.assert_same_as_base(apply(lj.join(params, adapters), ref['tokens']),
+                              model.apply(params, ref['tokens']))
+  adapters = helpers.randomize(adapters, jax.random.key(1), scale=0.05)
+  got = jax.jit(apply)(lj.join(params, adapters), ref['tokens'])
+  want = helpers.f64_reference(model.apply, params, adapters, ref['tokens'])
+  assert helpers.rel_err(got, want) < 1e-5
+
+
+def test_gpt2_misshaped_fused_attention(tmp_path):
+  path = _copy(tmp_path, 'tiny_gpt2', lambda t: t.update({
+      'transformer.h.0.attn.c_attn.weight': np.zeros((32, 90), np.float32)}))
+  with pytest.raises(ValueError, match=re.escape('h.0.attn.c_attn.weight: (32, 90)')):
+    load_hf_gpt2(path)
