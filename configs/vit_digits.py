@@ -17,6 +17,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   a = common.parse_arg(arg, quick=False, model='vit', method='lora', rank=8)
   c = ml_collections.ConfigDict()
   c.seed = 0
+  c.task = 'digits'
   c.model = ml_collections.ConfigDict(dict(
       name=a.model, size='tiny', num_classes=10))
   c.data = ml_collections.ConfigDict(dict(

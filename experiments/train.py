@@ -39,11 +39,10 @@ import optax
 import lorax_jax as lj
 from lorax_jax import checkpoints as ckpt_lib
 from lorax_jax import metrics as metrics_lib
-from lorax_jax.data import Batches, digits
-from lorax_jax.models import ResNet, SmallCNN, ViT
+
+from experiments import tasks
 
 METHODS = ('lora', 'full', 'head')
-MODELS = ('vit', 'cnn', 'resnet')
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -53,38 +52,15 @@ _WORKDIR = flags.DEFINE_string(
     'Directory for checkpoints and metrics; rerunning with the same one resumes.')
 
 
-def build_model(config):
-  """The model named by `config.model.name`."""
-  m = config.model
-  if m.name == 'vit':
-    return ViT(num_classes=m.num_classes, size=m.size)
-  if m.name == 'cnn':
-    return SmallCNN(num_classes=m.num_classes)
-  if m.name == 'resnet':
-    return ResNet(num_classes=m.num_classes)
-  raise ValueError(f'Unknown model {m.name!r}; allowed: {list(MODELS)}.')
-
-
 def _check(config):
   if config.method not in METHODS:
     raise ValueError(f'Unknown method {config.method!r}; allowed: {list(METHODS)}.')
-  build_model(config)
-  if config.data.name != 'digits':
-    raise ValueError(f"Unknown data {config.data.name!r}; allowed: ['digits'].")
   for name in ('steps', 'eval_every', 'checkpoint_every', 'log_every'):
     if config.train[name] <= 0:
       raise ValueError(f'train.{name}={config.train[name]} must be > 0.')
   if not 0 <= config.train.warmup_steps < config.train.steps:
     raise ValueError(f'train.warmup_steps={config.train.warmup_steps} must be in '
                      f'[0, train.steps={config.train.steps}).')
-
-
-def _split(config, classes, part):
-  return digits(classes, split=part, size=config.data.image_size, seed=config.seed)
-
-
-def _xent(logits, labels):
-  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
 def _digest(obj) -> str:
@@ -96,33 +72,36 @@ def base_dir(config) -> str:
           os.path.join(os.path.expanduser('~'), '.cache', 'lorax_jax', 'bases'))
 
 
-def obtain_base(config, model, example):
-  """Loads the cached pretrained base, or pretrains and caches it. Returns (params, path)."""
-  identity = dict(model=config.model.to_dict(), image_size=config.data.image_size,
-                  classes=list(config.data.pretrain_classes), base=dict(
-                      steps=config.base.steps, learning_rate=config.base.learning_rate,
-                      batch_size=config.data.batch_size), seed=config.seed)
+def obtain_base(config, task: tasks.Task):
+  """The base parameters: loaded (`task.load_base`), or pretrained once and cached.
+
+  Returns:
+    `(params, cache_path_or_source, pretrained_now)`.
+  """
+  params = task.model.init(jax.random.key(config.seed), *task.example)
+  identity = dict(task=config.task, model=config.model.to_dict(), data=task.identity,
+                  base=dict(steps=config.base.steps, learning_rate=config.base.learning_rate,
+                            batch_size=config.data.batch_size), seed=config.seed)
+  if task.load_base is not None:
+    return task.load_base(params), f'{config.task}-{_digest(identity)}', False
   path = os.path.join(base_dir(config), f'{config.model.name}-{_digest(identity)}.msgpack')
-  params = model.init(jax.random.key(config.seed), example)
   if os.path.exists(path):
     with open(path, 'rb') as f:
       try:
         return flax.serialization.from_bytes(params, f.read()), path, False
       except (ValueError, KeyError) as e:
         raise ValueError(f'Cached base {path} does not fit the model: {e}') from None
-  x, y = _split(config, config.data.pretrain_classes, 'train')
   tx = optax.adam(config.base.learning_rate)
 
   @jax.jit
-  def step(p, s, xb, yb):
-    loss, g = jax.value_and_grad(lambda p: _xent(model.apply(p, xb), yb))(p)
+  def step(p, s, inputs, targets):
+    loss, g = jax.value_and_grad(lambda p: task.loss(task.model.apply(p, *inputs), targets))(p)
     u, s = tx.update(g, s, p)
     return optax.apply_updates(p, u), s, loss
 
   opt_state = tx.init(params)
-  batches = Batches((x, y), config.data.batch_size, seed=config.seed)
   for i in range(config.base.steps):
-    params, opt_state, _ = step(params, opt_state, *batches.batch(i))
+    params, opt_state, _ = step(params, opt_state, *task.pretrain_batch(i))
   os.makedirs(os.path.dirname(path), exist_ok=True)
   tmp = f'{path}.tmp{os.getpid()}'
   with open(tmp, 'wb') as f:
@@ -149,17 +128,15 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
       becomes NaN or infinite (the message names the step; the last good checkpoint is kept).
   """
   _check(config)
+  task = tasks.make_task(config)
+  model = task.model
   t_start = time.time()
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, 'config.json'), 'w') as f:
     f.write(config.to_json_best_effort(indent=2))
-  model = build_model(config)
-  x_tr, y_tr = _split(config, config.data.adapt_classes, 'train')
-  x_te, y_te = _split(config, config.data.adapt_classes, 'test')
-  x_old, y_old = _split(config, config.data.pretrain_classes, 'test')
-  params, base_path, pretrained_now = obtain_base(config, model, x_tr[:1])
+  params, base_path, pretrained_now = obtain_base(config, task)
 
-  spec = lj.make_spec(params, _rules(config), fn=model.apply, args=(x_tr[:1],))
+  spec = lj.make_spec(params, _rules(config), fn=model.apply, args=task.example)
   params, adapters = lj.init(jax.random.fold_in(jax.random.key(config.seed), 1), params, spec)
   n_trainable = lj.count_params(adapters)
   n_total = sum(int(np.prod(np.shape(l))) for l in jax.tree_util.tree_leaves(params))
@@ -172,14 +149,19 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
                     weight_decay=t.weight_decay)
 
   def loss_fn(joined, batch, rng):
-    xb, yb = batch
-    return _xent(apply(joined, xb, lora_rng=rng), yb)
+    inputs, targets = batch
+    return task.loss(apply(joined, *inputs, lora_rng=rng), targets)
 
   step_fn = lj.make_train_step(loss_fn, tx)
   all_finite = jax.jit(lambda tree: jnp.all(jnp.stack(
       [jnp.all(jnp.isfinite(l)) for l in jax.tree_util.tree_leaves(tree)])))
-  evaluate = jax.jit(lambda p, a, x, y: jnp.mean(jnp.argmax(apply(lj.join(p, a), x), -1) == y))
-  base_eval = jax.jit(lambda p, x, y: jnp.mean(jnp.argmax(model.apply(p, x), -1) == y))
+  metric = jax.jit(lambda p, a, inputs, targets: task.metric(
+      apply(lj.join(p, a), *inputs), targets))
+  base_metric = jax.jit(lambda p, inputs, targets: task.metric(model.apply(p, *inputs), targets))
+  first = next(iter(task.eval_sets))
+
+  def evaluate(p, a):
+    return {k: float(metric(p, a, *v)) for k, v in task.eval_sets.items()}
 
   key = jax.random.key(config.seed)
   state = {'adapters': adapters, 'opt_state': tx.init(adapters), 'step': jnp.int32(0),
@@ -202,12 +184,11 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
 
   writer = metrics_lib.MetricWriter(workdir, enabled=jax.process_index() == 0)
   progress = metrics_lib.Progress(t.steps, start, enabled=jax.process_index() == 0)
-  batches = Batches((x_tr, y_tr), config.data.batch_size, seed=config.seed + 1)
   adapters, opt_state = state['adapters'], state['opt_state']
   step_times = []
   for step in range(start, t.steps):
     t0 = time.time()
-    adapters, opt_state, loss = step_fn(params, adapters, opt_state, batches.batch(step),
+    adapters, opt_state, loss = step_fn(params, adapters, opt_state, task.train_batch(step),
                                         jax.random.fold_in(key, step))
     loss = float(loss)
     step_times.append(time.time() - t0)
@@ -221,7 +202,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
       writer.write(done, {'loss': loss, 'learning_rate': float(schedule(step))})
       progress.update(done, loss=loss)
     if done % t.eval_every == 0 or done == t.steps:
-      writer.write(done, {'accuracy': float(evaluate(params, adapters, x_te, y_te))})
+      writer.write(done, {first: float(metric(params, adapters, *task.eval_sets[first]))})
     if (done % t.checkpoint_every == 0 or done == t.steps) and not all_finite(adapters):
       ckpts.close()
       raise ValueError(f'Adapters became NaN or infinite at step {done}; training stopped. The '
@@ -233,17 +214,15 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   progress.close()
 
   results = dict(
-      method=config.method, model=config.model.name,
-      base_accuracy=float(base_eval(params, x_te, y_te)),
-      base_accuracy_pretrain_classes=float(base_eval(params, x_old, y_old)),
-      accuracy=float(evaluate(params, adapters, x_te, y_te)),
-      accuracy_pretrain_classes=float(evaluate(params, adapters, x_old, y_old)),
+      task=config.task, method=config.method, model=config.model.name, metric=first,
+      **{f'base_{k}': float(base_metric(params, *v)) for k, v in task.eval_sets.items()},
+      **evaluate(params, adapters),
       trainable_params=n_trainable, total_params=n_total,
       trainable_fraction=n_trainable / n_total, steps=t.steps, resumed_from=start,
       base_pretrained_now=pretrained_now,
       step_seconds=float(np.median(step_times)) if step_times else None,
       seconds=time.time() - t_start)
-  writer.write(t.steps, {'final_accuracy': results['accuracy']})
+  writer.write(t.steps, {f'final_{first}': results[first]})
   writer.close()
   if jax.process_index() == 0:
     with open(os.path.join(workdir, 'results.json'), 'w') as f:
@@ -253,17 +232,15 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
 
 def summary(results: dict[str, Any]) -> str:
   r = results
-  return '\n'.join([
-      f'{r["model"]} / {r["method"]}: adapted to the new classes in {r["steps"]} steps',
-      f'  base accuracy on new classes:    {r["base_accuracy"]:.3f}',
-      f'  adapted accuracy on new classes: {r["accuracy"]:.3f}',
-      f'  accuracy on pretraining classes: {r["base_accuracy_pretrain_classes"]:.3f} -> '
-      f'{r["accuracy_pretrain_classes"]:.3f}',
-      f'  trainable parameters: {r["trainable_params"]:,} of {r["total_params"]:,} '
-      f'({100 * r["trainable_fraction"]:.2f}%)',
-      f'  time: {r["seconds"]:.1f} s' + (f' (resumed from step {r["resumed_from"]})'
-                                          if r['resumed_from'] else ''),
-  ])
+  lines = [f'{r["task"]} / {r["model"]} / {r["method"]}: {r["steps"]} adaptation steps']
+  names = [k[len('base_'):] for k in r if k.startswith('base_') and k != 'base_pretrained_now']
+  for name in names:
+    lines.append(f'  {name:<28} base {r["base_" + name]:.4f} -> adapted {r[name]:.4f}')
+  lines.append(f'  trainable parameters: {r["trainable_params"]:,} of {r["total_params"]:,} '
+               f'({100 * r["trainable_fraction"]:.2f}%)')
+  lines.append(f'  time: {r["seconds"]:.1f} s' + (
+      f' (resumed from step {r["resumed_from"]})' if r['resumed_from'] else ''))
+  return '\n'.join(lines)
 
 
 def main(argv):

@@ -17,6 +17,8 @@ import numpy as np
 import pytest
 
 from configs import common
+from configs import decoder_lm
+from configs import minilm_docstrings
 from configs import vit_digits
 from experiments import train
 from lorax_jax import checkpoints as ckpt_lib
@@ -25,8 +27,12 @@ from lorax_jax import metrics as metrics_lib
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _config(tmp_path, arg='quick', **train_overrides):
-  c = vit_digits.get_config(arg)
+CONFIGS = {'vit_digits': vit_digits, 'decoder_lm': decoder_lm,
+           'minilm_docstrings': minilm_docstrings}
+
+
+def _config(tmp_path, arg='quick', module=vit_digits, **train_overrides):
+  c = module.get_config(arg)
   c.base.steps = 3
   c.base.dir = str(tmp_path / 'bases')
   c.train.steps = 3
@@ -56,6 +62,24 @@ def test_one_run_per_model_and_method(tmp_path, arg):
   assert [l['step'] for l in lines if 'loss' in l] == [1, 2, 3]
   events = glob.glob(str(tmp_path / 'run' / 'events.out.tfevents.*'))
   assert len(events) == 1 and len(metrics_lib.read_tfrecords(events[0])) >= 4
+
+
+@pytest.mark.parametrize('name', ['decoder_lm', 'minilm_docstrings'])
+def test_one_run_per_config(tmp_path, name):
+  c = _config(tmp_path, 'quick', CONFIGS[name])
+  r = train.train_and_evaluate(c, str(tmp_path / 'run'))
+  assert r['task'] == c.task and r['steps'] == 3
+  assert np.isfinite(r[r['metric']]) and np.isfinite(r['base_' + r['metric']])
+  assert 0 < r['trainable_fraction'] < 0.5
+  assert train.summary(r).splitlines()[0].startswith(f'{c.task} / {c.model.name} / lora')
+
+
+@pytest.mark.parametrize('name', sorted(CONFIGS))
+@pytest.mark.parametrize('arg', [None, 'quick', 'quick,method=full,rank=2', 'method=head'])
+def test_every_config_builds(name, arg):
+  c = CONFIGS[name].get_config(arg)
+  assert c.task in ('digits', 'docstrings', 'lm') and c.train.steps > 0
+  assert c.method == ('lora' if arg in (None, 'quick') else arg.split('method=')[1].split(',')[0])
 
 
 def test_base_is_cached_and_reused(tmp_path):
@@ -91,7 +115,8 @@ def test_nan_stops_training_naming_the_step(tmp_path):
 
 @pytest.mark.parametrize('arg,message', [
     ('quick,method=magic', "Unknown method 'magic'; allowed: ['lora', 'full', 'head']"),
-    ('quick,model=mlp', "Unknown model 'mlp'; allowed: ['vit', 'cnn', 'resnet']"),
+    ('quick,model=mlp', "Unknown model 'mlp' for task 'digits'; allowed: ['vit', 'cnn', "
+                        "'resnet']"),
 ])
 def test_bad_config_values(tmp_path, arg, message):
   with pytest.raises(ValueError, match=re.escape(message)):

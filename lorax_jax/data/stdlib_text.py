@@ -105,3 +105,44 @@ class Windows:
     while True:
       yield self.batch(step)
       step += 1
+
+
+DOCSTRING_FAMILIES = ('asyncio', 'email', 'importlib', 'multiprocessing', 'unittest', 'xml')
+
+
+@functools.lru_cache(maxsize=4)
+def _family_docstrings(family: str) -> tuple[str, ...]:
+  root = os.path.join(sysconfig.get_paths()['stdlib'], family)
+  docs = []
+  for dirpath, dirnames, filenames in os.walk(root):
+    dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS)
+    for f in sorted(filenames):
+      if f.endswith('.py'):
+        docs.extend(_docstrings(_read(os.path.join(dirpath, f))))
+  return tuple(dict.fromkeys(docs))  # unique, in file order
+
+
+def docstrings(split: str = 'train', *, families=DOCSTRING_FAMILIES, per_class: int = 150,
+               test_fraction: float = 0.25, seed: int = 0) -> tuple[list[str], np.ndarray]:
+  """Real English text classification: standard-library docstrings labelled by the package they
+  document (`families`), at most `per_class` per package, split deterministically by `seed`.
+
+  Returns:
+    `(texts, labels)` with labels indexing `families`.
+
+  Raises:
+    ValueError: for an unknown split or a family with too few docstrings.
+  """
+  if split not in ('train', 'test'):
+    raise ValueError(f"split={split!r}; allowed: 'train', 'test'.")
+  texts, labels = [], []
+  for label, family in enumerate(families):
+    docs = _family_docstrings(family)
+    if len(docs) < 20:
+      raise ValueError(f'Package {family!r} has {len(docs)} docstrings here; need >= 20.')
+    order = np.random.default_rng([seed, label]).permutation(len(docs))[:per_class]
+    n_test = int(round(len(order) * test_fraction))
+    chosen = order[:n_test] if split == 'test' else order[n_test:]
+    texts.extend(docs[i] for i in sorted(chosen))
+    labels.extend([label] * len(chosen))
+  return texts, np.asarray(labels, np.int32)

