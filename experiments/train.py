@@ -111,6 +111,10 @@ def obtain_base(config, task: tasks.Task):
 
 
 def _rules(config):
+  """The selection rules: `config.rules` if the config gives them, else from `method`."""
+  if config.get('rules'):
+    return [(pattern, setting.to_dict() if hasattr(setting, 'to_dict') else setting)
+            for pattern, setting in config.rules]
   if config.method == 'full':
     return [('.*', 'full')]
   if config.method == 'head':
@@ -182,7 +186,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     start, state, _ = restored
     logging.info('Resuming from step %d.', start)
 
-  writer = metrics_lib.MetricWriter(workdir, enabled=jax.process_index() == 0)
+  writer = metrics_lib.MetricWriter(workdir, enabled=jax.process_index() == 0,
+                                    resume_step=start)
   progress = metrics_lib.Progress(t.steps, start, enabled=jax.process_index() == 0)
   adapters, opt_state = state['adapters'], state['opt_state']
   step_times = []

@@ -79,20 +79,27 @@ def tfrecord(data: bytes) -> bytes:
           struct.pack('<I', _masked_crc(data)))
 
 
+def read_tfrecords_bytes(buffer: bytes, name: str = '<bytes>') -> list[bytes]:
+  """Splits and checks TFRecord framing; ValueError on a corrupt record."""
+  records, pos = [], 0
+  while pos < len(buffer):
+    header = buffer[pos:pos + 12]
+    length, crc = struct.unpack('<QI', header)
+    if crc != _masked_crc(header[:8]):
+      raise ValueError(f'{name}: corrupt record length at byte {pos}.')
+    data = buffer[pos + 12:pos + 12 + length]
+    (dcrc,) = struct.unpack('<I', buffer[pos + 12 + length:pos + 16 + length])
+    if dcrc != _masked_crc(data):
+      raise ValueError(f'{name}: corrupt record data at byte {pos}.')
+    records.append(data)
+    pos += 16 + length
+  return records
+
+
 def read_tfrecords(path: str) -> list[bytes]:
   """Reads and checks every record of a TFRecord file (used by the tests)."""
-  records = []
   with open(path, 'rb') as f:
-    while header := f.read(12):
-      length, crc = struct.unpack('<QI', header)
-      if crc != _masked_crc(header[:8]):
-        raise ValueError(f'{path}: corrupt record length.')
-      data = f.read(length)
-      (dcrc,) = struct.unpack('<I', f.read(4))
-      if dcrc != _masked_crc(data):
-        raise ValueError(f'{path}: corrupt record data.')
-      records.append(data)
-  return records
+    return read_tfrecords_bytes(f.read(), path)
 
 
 class MetricWriter:
@@ -101,14 +108,30 @@ class MetricWriter:
   Args:
     workdir: the run's directory.
     enabled: False on all but one process of a multi-process run.
+    resume_step: when resuming from a checkpoint at this step, JSON lines of later steps (written
+      before the interruption, and about to be written again) are dropped, as is a last line cut
+      short by a kill.
   """
 
-  def __init__(self, workdir: str, enabled: bool = True):
+  def __init__(self, workdir: str, enabled: bool = True, resume_step: int | None = None):
     self.enabled = enabled
     if not enabled:
       return
     os.makedirs(workdir, exist_ok=True)
-    self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a', encoding='utf-8')
+    path = os.path.join(workdir, 'metrics.jsonl')
+    if os.path.exists(path):
+      kept = []
+      with open(path, encoding='utf-8') as f:
+        for line in f:
+          try:
+            record = json.loads(line)
+          except json.JSONDecodeError:
+            continue
+          if resume_step is None or record.get('step', 0) <= resume_step:
+            kept.append(json.dumps(record) + '\n')
+      with open(path, 'w', encoding='utf-8') as f:
+        f.writelines(kept)
+    self._jsonl = open(path, 'a', encoding='utf-8')
     name = f'events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}'
     self._events = open(os.path.join(workdir, name), 'ab')
     self._events.write(tfrecord(encode_event(time.time(), file_version='brain.Event:2')))

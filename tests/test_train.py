@@ -82,6 +82,30 @@ def test_every_config_builds(name, arg):
   assert c.method == ('lora' if arg in (None, 'quick') else arg.split('method=')[1].split(',')[0])
 
 
+def test_rules_from_the_config(tmp_path):
+  c = _config(tmp_path)
+  c.rules = [(r'head/', 'full'), (r'block0/query/kernel', {'rank': 2, 'alpha': 4.0})]
+  r = train.train_and_evaluate(c, str(tmp_path / 'run'))
+  head = 64 * 10 + 10
+  assert r['trainable_params'] == head + 2 * (64 + 64)
+
+
+def test_resumed_metrics_drop_steps_after_the_checkpoint(tmp_path):
+  with open(tmp_path / 'metrics.jsonl', 'w') as f:
+    f.write('{"step": 10, "loss": 1.0}\n{"step": 20, "loss": 0.5}\n{"step": 2')
+  w = metrics_lib.MetricWriter(str(tmp_path), resume_step=10)
+  w.write(20, {'loss': 0.25})
+  w.close()
+  lines = [json.loads(l) for l in open(tmp_path / 'metrics.jsonl')]
+  assert lines == [{'step': 10, 'loss': 1.0}, {'step': 20, 'loss': 0.25}]
+
+
+def test_tfrecord_framing():
+  assert metrics_lib.crc32c(b'123456789') == 0xE3069283  # the standard CRC-32C check value
+  data = metrics_lib.encode_event(1.5, 7, scalars={'loss': 0.25})
+  assert metrics_lib.read_tfrecords_bytes(metrics_lib.tfrecord(data)) == [data]
+
+
 def test_base_is_cached_and_reused(tmp_path):
   c = _config(tmp_path)
   r1 = train.train_and_evaluate(c, str(tmp_path / 'a'))
