@@ -38,3 +38,9 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
       raise ValueError(f'Config argument {key}={value!r} is not a {type(default).__name__}.'
                        ) from None
   return ml_collections.ConfigDict(out)
+
+
+def adapter(rank: int) -> ml_collections.ConfigDict:
+  """The default adapter settings of the configs: LoRA, alpha = 2 * rank, alpha/r scaling."""
+  return ml_collections.ConfigDict(dict(
+      variant='lora', rank=rank, alpha=2.0 * rank, scaling='alpha/r', dropout=0.0))

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lorax_jax.models import attention
 from lorax_jax.models import hf
 
 
@@ -50,11 +51,8 @@ class _Layer(nn.Module):
     c = self.config
     heads, head_dim = c.num_attention_heads, c.hidden_size // c.num_attention_heads
     proj = lambda name: nn.DenseGeneral((heads, head_dim), dtype=self.dtype, name=name)(x)
-    q, k, v = proj('query'), proj('key'), proj('value')
-    logits = jnp.einsum('bqhd,bkhd->bhqk', q, k) / jnp.sqrt(head_dim).astype(self.dtype)
-    logits = jnp.where(mask[:, None, None, :], logits, jnp.finfo(logits.dtype).min)
-    attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
-    o = jnp.einsum('bhqk,bkhd->bqhd', attn, v)
+    o = attention.attend(proj('query'), proj('key'), proj('value'), mask[:, None, None, :],
+                         self.dtype)
     o = nn.DenseGeneral(c.hidden_size, axis=(-2, -1), dtype=self.dtype, name='out')(o)
     x = nn.LayerNorm(epsilon=c.layer_norm_eps, dtype=self.dtype, name='attention_norm')(x + o)
     h = nn.gelu(nn.Dense(c.intermediate_size, dtype=self.dtype, name='intermediate')(x),

@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from lorax_jax.models import attention
 from lorax_jax.models import hf
 
 
@@ -31,11 +32,7 @@ class _Block(nn.Module):
     h = nn.LayerNorm(epsilon=self.eps, dtype=self.dtype, name='ln_1')(x)
     q, k, v = [nn.DenseGeneral((self.num_heads, head_dim), dtype=self.dtype, name=n)(h)
                for n in ('query', 'key', 'value')]
-    seq = x.shape[1]
-    logits = jnp.einsum('bqhd,bkhd->bhqk', q, k) / jnp.sqrt(head_dim).astype(self.dtype)
-    logits = jnp.where(jnp.tril(jnp.ones((seq, seq), bool)), logits, jnp.finfo(logits.dtype).min)
-    attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
-    o = jnp.einsum('bhqk,bkhd->bqhd', attn, v)
+    o = attention.attend(q, k, v, attention.causal_mask(x.shape[1]), self.dtype)
     x = x + nn.DenseGeneral(self.d_model, axis=(-2, -1), dtype=self.dtype, name='out')(o)
     h = nn.LayerNorm(epsilon=self.eps, dtype=self.dtype, name='ln_2')(x)
     h = nn.gelu(nn.Dense(4 * self.d_model, dtype=self.dtype, name='fc')(h), approximate=True)

@@ -16,6 +16,8 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 
+from lorax_jax.models import attention
+
 
 @dataclasses.dataclass(frozen=True)
 class ViTSize:
@@ -42,13 +44,6 @@ def vit_size(name: 'str | ViTSize') -> ViTSize:
   return VIT_SIZES[name]
 
 
-def _attention(q, k, v, dtype):
-  """Softmax attention over (batch, seq, heads, head_dim) tensors, softmax in float32."""
-  logits = jnp.einsum('bqhd,bkhd->bhqk', q, k) / jnp.sqrt(q.shape[-1]).astype(q.dtype)
-  weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(dtype)
-  return jnp.einsum('bhqk,bkhd->bqhd', weights, v)
-
-
 class _Block(nn.Module):
   hidden: int
   heads: int
@@ -63,7 +58,7 @@ class _Block(nn.Module):
     h = nn.LayerNorm(epsilon=self.eps, dtype=self.dtype, name='norm1')(x)
     qkv = [nn.DenseGeneral((self.heads, head_dim), dtype=self.dtype, name=n)(h)
            for n in ('query', 'key', 'value')]
-    o = _attention(*qkv, self.dtype)
+    o = attention.attend(*qkv, dtype=self.dtype)
     x = x + nn.DenseGeneral(self.hidden, axis=(-2, -1), dtype=self.dtype, name='out')(o)
     h = nn.LayerNorm(epsilon=self.eps, dtype=self.dtype, name='norm2')(x)
     h = nn.gelu(nn.Dense(self.mlp_dim, dtype=self.dtype, name='mlp1')(h),
@@ -120,7 +115,7 @@ class _NnxBlock(nnx.Module):
 
   def __call__(self, x):
     h = self.norm1(x)
-    x = x + self.out(_attention(self.query(h), self.key(h), self.value(h), x.dtype))
+    x = x + self.out(attention.attend(self.query(h), self.key(h), self.value(h)))
     return x + self.mlp2(nnx.gelu(self.mlp1(self.norm2(x))))
 
 
