@@ -8,6 +8,7 @@ adaptation data, the loss and the evaluation sets.
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any, Callable, NamedTuple
 
@@ -83,12 +84,17 @@ def _digits(config) -> Task:
               dict(image_size=d.image_size, classes=list(d.pretrain_classes)))
 
 
-def _tokenize(texts, max_len):
+@functools.lru_cache(maxsize=4)
+def _tokenizer(max_len):
   from tokenizers import Tokenizer  # pylint: disable=g-import-not-at-top
   tok = Tokenizer.from_file(os.path.join(bert.minilm_directory(), 'tokenizer.json'))
   tok.enable_truncation(max_len)
   tok.enable_padding(pad_id=0, pad_token='[PAD]', length=max_len)
-  enc = tok.encode_batch(list(texts))
+  return tok
+
+
+def _tokenize(texts, max_len):
+  enc = _tokenizer(max_len).encode_batch(list(texts))
   return (np.array([e.ids for e in enc], np.int32),
           np.array([e.attention_mask for e in enc], np.int32))
 

@@ -138,17 +138,21 @@ def count_params(adapters: Any) -> int:
   return int(sum(np.prod(np.shape(x)) for x in jax.tree_util.tree_leaves(adapters)))
 
 
-def _compute_dtype(w, adapter):
-  return jnp.promote_types(w.dtype, jax.tree_util.tree_leaves(adapter)[0].dtype)
+def merged_leaf(w: jax.Array, adapter: Any, sign: int = 1) -> jax.Array:
+  """W + sign * dW for one leaf, computed in the promoted dtype of W and the adapter.
+
+  Fully trained leaves give their trained value on merge and keep `w` on unmerge.
+  """
+  if isinstance(adapter, variants.FullParams):
+    return adapter.value if sign > 0 else w
+  cd = jnp.promote_types(w.dtype, jax.tree_util.tree_leaves(adapter)[0].dtype)
+  dw = variants.get(adapter.spec.variant).delta(w.astype(cd), adapter)
+  return (w.astype(cd) + sign * dw.astype(cd)).astype(w.dtype)
 
 
 def _merge_leaf(path, w, adapter, sign):
   del path
-  if isinstance(adapter, variants.FullParams):
-    return adapter.value if sign > 0 else w
-  cd = _compute_dtype(w, adapter)
-  dw = variants.get(adapter.spec.variant).delta(w.astype(cd), adapter)
-  return (w.astype(cd) + sign * dw.astype(cd)).astype(w.dtype)
+  return merged_leaf(w, adapter, sign)
 
 
 def _merge(params, adapters):

@@ -95,10 +95,7 @@ class _Ctx:
 def _materialize(v, ctx: _Ctx | None, why: str | None):
   """W + dW as a plain array; warns (or raises when strict) if `why` is given."""
   if isinstance(v, Dense):
-    ad = v.adapter
-    cd = jnp.promote_types(v.w.dtype, jax.tree_util.tree_leaves(ad)[0].dtype)
-    dw = variants.get(ad.spec.variant).delta(v.w.astype(cd), ad)
-    return (v.w.astype(cd) + dw).astype(v.w.dtype)
+    return adapters_lib.merged_leaf(v.w, v.adapter)
   if not isinstance(v, LowRank):
     return v
   if why is not None:
