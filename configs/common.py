@@ -40,7 +40,15 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(out)
 
 
-def adapter(rank: int) -> ml_collections.ConfigDict:
-  """The default adapter settings of the configs: LoRA, alpha = 2 * rank, alpha/r scaling."""
+def adapter(rank: int, variant: str = 'lora') -> ml_collections.ConfigDict:
+  """The adapter settings of the configs: alpha = 2 * rank, alpha/r scaling, and `options`: the
+  variant's own settings with their defaults (e.g. LoKr's `factor`), so that they can be set
+  with `--config.adapter.options.factor=4`.
+
+  Raises:
+    ValueError: for an unknown variant (naming the registered ones).
+  """
+  from lorax_jax import variants  # pylint: disable=g-import-not-at-top
   return ml_collections.ConfigDict(dict(
-      variant='lora', rank=rank, alpha=2.0 * rank, scaling='alpha/r', dropout=0.0))
+      variant=variant, rank=rank, alpha=2.0 * rank, scaling='alpha/r', dropout=0.0,
+      options=ml_collections.ConfigDict(dict(variants.get(variant).options))))

@@ -121,7 +121,8 @@ def _rules(config):
     return [(r'(^|/)head/', 'full')]
   a = config.adapter
   return [(r'(^|/)head/', 'full')] + lj.dense_kernels(
-      variant=a.variant, rank=a.rank, alpha=a.alpha, scaling=a.scaling, dropout=a.dropout)
+      variant=a.variant, rank=a.rank, alpha=a.alpha, scaling=a.scaling, dropout=a.dropout,
+      **(a.options.to_dict() if a.get('options') else {}))
 
 
 def train_and_evaluate(config, workdir: str) -> dict[str, Any]:

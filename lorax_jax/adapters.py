@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 import zlib
 from typing import Any
 
@@ -73,16 +72,53 @@ def init(key: jax.Array, params: Any, spec: dict[str, Any]) -> tuple[Any, dict[s
     adapters[keys] = adapter
     if w is not leaf:
       changed[path] = w
+  owners = {}
+  for keys, adapter in adapters.items():  # tied variants: the first leaf of a group owns it
+    tie = None if isinstance(adapter, variants.FullParams) else variants.get(
+        adapter.spec.variant).tie
+    if tie is not None:
+      group = (adapter.spec.variant, tie.key(adapter.spec))
+      if group in owners:
+        adapters[keys] = tie.strip(adapter)
+      else:
+        owners[group] = keys
   if changed:
     params = jax.tree_util.tree_map_with_path(
         lambda kp, x: changed.get(paths.path_str(kp), x), params)
   return params, paths.nest(adapters)
 
 
-def _flat_adapters(adapters: Any) -> dict[str, Any]:
+def _flat_adapters(adapters: Any, resolve: bool = True) -> dict[str, Any]:
   if not adapters:
     return {}
-  return paths.flat(adapters, is_leaf=is_adapter)
+  flat = paths.flat(adapters, is_leaf=is_adapter)
+  return _resolve_ties(flat) if resolve else flat
+
+
+def _tie(adapter):
+  if not is_adapter(adapter) or isinstance(adapter, variants.FullParams):
+    return None
+  return variants.get(adapter.spec.variant).tie
+
+
+def _resolve_ties(flat: dict[str, Any]) -> dict[str, Any]:
+  """Gives every member of a tied group its owner's shared arrays."""
+  owners = {}
+  for path, adapter in flat.items():
+    tie = _tie(adapter)
+    if tie is not None and tie.is_owner(adapter):
+      owners[(adapter.spec.variant, tie.key(adapter.spec))] = adapter
+  out = dict(flat)
+  for path, adapter in flat.items():
+    tie = _tie(adapter)
+    if tie is None or tie.is_owner(adapter):
+      continue
+    group = (adapter.spec.variant, tie.key(adapter.spec))
+    if group not in owners:
+      raise ValueError(f'{adapter.spec.variant!r} adapter at {path!r} shares its arrays with '
+                       f'group {group[1]!r}, whose owning leaf is not in the adapter tree.')
+    out[path] = tie.fill(adapter, owners[group])
+  return out
 
 
 def _map_adapted(fn, params, adapters):
@@ -120,12 +156,14 @@ def join(params: Any, adapters: dict[str, Any]) -> Any:
 
 
 def split(joined: Any) -> tuple[Any, dict[str, Any]]:
-  """The inverse of `join`: `(params, adapters)`."""
+  """The inverse of `join`: `(params, adapters)` (tied members give back their shared arrays)."""
   adapters = {}
 
   def visit(kp, x):
     if isinstance(x, Adapted):
-      adapters[paths.path_keys(kp)] = x.adapter
+      tie = _tie(x.adapter)
+      strip = tie is not None and not tie.is_owner(x.adapter)
+      adapters[paths.path_keys(kp)] = tie.strip(x.adapter) if strip else x.adapter
       return x.w
     return x
 
@@ -133,9 +171,27 @@ def split(joined: Any) -> tuple[Any, dict[str, Any]]:
   return params, paths.nest(adapters)
 
 
+def labels(adapters: Any) -> Any:
+  """A tree like `adapters` naming each array's role: `'lora_a'`, `'lora_b'` (B-side factors,
+  LoRA+'s faster group), `'full'` (fully trained leaves) or `'frozen'` (arrays the method keeps
+  fixed, which get no update and no weight decay)."""
+
+  def visit(x):
+    if not is_adapter(x):
+      return jax.tree_util.tree_map(lambda _: variants.base.LORA_A, x)
+    new = {name: jax.tree_util.tree_map(lambda _, l=label: l, getattr(x, name))
+           for name, label in variants.base.field_labels(x).items()}
+    return dataclasses.replace(x, **new)
+
+  return jax.tree_util.tree_map(visit, adapters, is_leaf=is_adapter)
+
+
 def count_params(adapters: Any) -> int:
-  """Number of trainable scalars in an adapter tree."""
-  return int(sum(np.prod(np.shape(x)) for x in jax.tree_util.tree_leaves(adapters)))
+  """Number of trainable scalars in an adapter tree (frozen arrays are not counted)."""
+  sizes = jax.tree_util.tree_map(lambda x: int(np.prod(np.shape(x))), adapters)
+  return int(sum(n for n, l in zip(jax.tree_util.tree_leaves(sizes),
+                                   jax.tree_util.tree_leaves(labels(adapters)))
+                 if l != variants.base.FROZEN))
 
 
 def merged_leaf(w: jax.Array, adapter: Any, sign: int = 1) -> jax.Array:
@@ -150,42 +206,69 @@ def merged_leaf(w: jax.Array, adapter: Any, sign: int = 1) -> jax.Array:
   return (w.astype(cd) + sign * dw.astype(cd)).astype(w.dtype)
 
 
-def _merge_leaf(path, w, adapter, sign):
-  del path
-  return merged_leaf(w, adapter, sign)
+def _merge(params, adapters, return_cache=False):
+  cache = {}
+
+  def leaf(path, w, adapter):
+    variant = None if isinstance(adapter, variants.FullParams) else variants.get(
+        adapter.spec.variant)
+    if return_cache and variant is not None and variant.merge_cache is not None:
+      cache[path] = variant.merge_cache(w, adapter)
+    return merged_leaf(w, adapter)
+
+  merged = _map_adapted(leaf, params, adapters)
+  return (merged, cache) if return_cache else merged
 
 
-def _merge(params, adapters):
-  return _map_adapted(functools.partial(_merge_leaf, sign=1), params, adapters)
+def _unmerge(merged, adapters, cache=None):
+  def leaf(path, w, adapter):
+    variant = None if isinstance(adapter, variants.FullParams) else variants.get(
+        adapter.spec.variant)
+    if variant is not None and variant.unmerge is not None:
+      return variant.unmerge(w, adapter, (cache or {}).get(path))
+    return merged_leaf(w, adapter, -1)
+
+  return _map_adapted(leaf, merged, adapters)
 
 
-def _unmerge(merged, adapters):
-  return _map_adapted(functools.partial(_merge_leaf, sign=-1), merged, adapters)
-
-
-_merge_jit = jax.jit(_merge)
-_merge_jit_donate = jax.jit(_merge, donate_argnums=0)
+_merge_jit = jax.jit(_merge, static_argnames='return_cache')
+_merge_jit_donate = jax.jit(_merge, static_argnames='return_cache', donate_argnums=0)
 _unmerge_jit = jax.jit(_unmerge)
 _unmerge_jit_donate = jax.jit(_unmerge, donate_argnums=0)
 
 
-def merge(params: Any, adapters: dict[str, Any], *, donate: bool = False) -> Any:
+def merge(params: Any, adapters: dict[str, Any], *, donate: bool = False,
+          return_cache: bool = False) -> Any:
   """W + dW for every adapted leaf (fully trained leaves take their trained value). Jitted.
 
   Args:
     params: the base parameters.
     adapters: the adapter tree.
     donate: donate `params`' buffers to the result (the base is consumed).
+    return_cache: also return `{path: array}` of what `unmerge` needs for variants whose merge
+      cannot be undone from the adapters alone (DoRA's column norms of W + s*A@B).
 
   Returns:
-    A parameter tree like `params` for the plain, un-transformed model.
+    A parameter tree like `params` for the plain, un-transformed model; with `return_cache`,
+    `(merged, cache)`.
   """
-  return (_merge_jit_donate if donate else _merge_jit)(params, adapters)
+  return (_merge_jit_donate if donate else _merge_jit)(params, adapters,
+                                                       return_cache=return_cache)
 
 
-def unmerge(merged: Any, adapters: dict[str, Any], *, donate: bool = False) -> Any:
-  """W' - dW: recovers the base from `merge`'s output (up to rounding in the base dtype).
+def unmerge(merged: Any, adapters: dict[str, Any], *, cache: dict[str, Any] | None = None,
+            donate: bool = False) -> Any:
+  """Recovers the base from `merge`'s output (up to rounding in the base dtype): W' - dW.
+
+  Args:
+    merged: the output of `merge`.
+    adapters: the adapter tree that was merged.
+    cache: the cache from `merge(..., return_cache=True)`; needed for DoRA leaves.
+    donate: donate `merged`'s buffers to the result.
 
   Fully trained leaves keep their merged (trained) value: the original is not recoverable.
+
+  Raises:
+    ValueError: for a DoRA leaf without its cache entry.
   """
-  return (_unmerge_jit_donate if donate else _unmerge_jit)(merged, adapters)
+  return (_unmerge_jit_donate if donate else _unmerge_jit)(merged, adapters, cache)

@@ -52,7 +52,10 @@ def _strict_default() -> bool:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class LowRank:
-  """An adapted kernel inside the interpreter: w + scale * sum_r a * b (broadcast layout)."""
+  """An adapted kernel inside the interpreter: (w + scale * sum_r a * b) * g (broadcast layout).
+
+  `g` (optional, B-like layout with r = 1) scales each output unit (DoRA's m / ||W + sAB||).
+  """
   w: jax.Array
   a: jax.Array
   b: jax.Array
@@ -60,9 +63,15 @@ class LowRank:
   scale: float = dataclasses.field(metadata=dict(static=True))
   path: str = dataclasses.field(metadata=dict(static=True))
   dropout: float = dataclasses.field(metadata=dict(static=True), default=0.0)
+  g: Any = None
 
   def replace(self, **kw) -> 'LowRank':
     return dataclasses.replace(self, **kw)
+
+  def move(self, fa, fb, **kw) -> 'LowRank':
+    """Applies an axis move to the factors: `fa` to A, `fb` to B and to g (same layout)."""
+    g = None if self.g is None else fb(self.g)
+    return dataclasses.replace(self, a=fa(self.a), b=fb(self.b), g=g, **kw)
 
 
 @jax.tree_util.register_dataclass
@@ -104,7 +113,10 @@ def _materialize(v, ctx: _Ctx | None, why: str | None):
       raise MaterializeError(msg + ' (strict mode)')
     warnings.warn(msg, MaterializeWarning, stacklevel=3)
   dw = layout.product(v.a, v.b, v.kinds, v.w.dtype)
-  return v.w + (v.scale * dw).astype(v.w.dtype)
+  w = v.w + (v.scale * dw).astype(v.w.dtype)
+  if v.g is not None:
+    w = (w * v.g[..., 0]).astype(v.w.dtype)
+  return w
 
 
 def _is_special(x) -> bool:
@@ -124,6 +136,17 @@ def _bind_on_w(eqn, v: LowRank):
 
 def _add_scaled(y, d, scale: float):
   return y + (d if scale == 1.0 else scale * d).astype(y.dtype)
+
+
+def _scale_at(y, v: LowRank, positions):
+  """y * g, with g's non-in axes (W order) placed at `positions` of y; computed in g's dtype."""
+  if v.g is None:
+    return y
+  g = layout.squeeze_in(v.g, v.kinds)
+  order = np.argsort(positions)
+  g = jax.lax.broadcast_in_dim(jnp.transpose(g, order), y.shape,
+                               tuple(int(positions[q]) for q in order))
+  return (y * g).astype(y.dtype)
 
 
 def _dropout(x, rate: float, ctx: _Ctx):
@@ -152,20 +175,25 @@ def _dot_general(eqn, invals, ctx):
   contracted = {kinds[d] for d in vc}
   if len(contracted) != 1 or contracted == {'b'}:
     return None
-  g = contracted.pop()
-  f = 'o' if g == 'i' else 'i'
-  if sorted(vc) != [d for d, k in enumerate(kinds) if k == g]:
+  cg = contracted.pop()   # the contracted group
+  f = 'o' if cg == 'i' else 'i'
+  if sorted(vc) != [d for d, k in enumerate(kinds) if k == cg]:
     return None
   if sorted(vb) != [d for d, k in enumerate(kinds) if k == 'b']:
     return None
   precision = eqn.params.get('precision')
   pet = eqn.params.get('preferred_element_type')
+  n = len(kinds)
+  not_in = [d for d in range(n) if kinds[d] != 'i']
+  if cg == 'o' and v.g is not None:
+    # The output units are contracted (a tied embedding as a head): scale x on those axes.
+    x = _scale_at(x, v, [xb[list(vb).index(d)] if d in vb else xc[list(vc).index(d)]
+                         for d in not_in])
   y = _bind(eqn, [v.w, x] if on_left else [x, v.w])
   dtype = v.w.dtype
-  ag, af = (v.a, v.b) if g == 'i' else (v.b, v.a)
-  n = len(kinds)
+  ag, af = (v.a, v.b) if cg == 'i' else (v.b, v.a)
   f_axes = tuple(d for d in range(n) if kinds[d] == f)
-  g_axes = tuple(d for d in range(n) if kinds[d] == g)
+  g_axes = tuple(d for d in range(n) if kinds[d] == cg)
   ag = jnp.squeeze(ag, f_axes).astype(dtype)      # non-F axes in W order, r
   af = jnp.squeeze(af, g_axes).astype(dtype)      # non-G axes in W order, r
   pos_g = [d for d in range(n) if d not in f_axes]
@@ -186,7 +214,14 @@ def _dot_general(eqn, invals, ctx):
     d = jax.lax.dot_general(
         af, t, (([af.ndim - 1], [nb]), ([pos_f.index(d) for d in vb], list(range(nb)))),
         precision=precision, preferred_element_type=pet)
-  return [_add_scaled(y, d, v.scale)]
+  out = _add_scaled(y, d, v.scale)
+  if cg == 'i' and v.g is not None:
+    x_free = x.ndim - len(xc) - nb
+    w_free = [q for q in range(n) if q not in vc and q not in vb]
+    start = nb if on_left else nb + x_free
+    out = _scale_at(out, v, [list(vb).index(q) if q in vb else start + w_free.index(q)
+                             for q in not_in])
+  return [out]
 
 
 def _conv(eqn, invals, ctx):
@@ -213,7 +248,7 @@ def _conv(eqn, invals, ctx):
                                    p['rhs_dilation'], **common).astype(dtype)
   d = jax.lax.conv_general_dilated(t, b_k, (1,) * nsp, [(0, 0)] * nsp, (1,) * nsp, (1,) * nsp,
                                    **common)
-  return [_add_scaled(y, d, v.scale)]
+  return [_scale_at(_add_scaled(y, d, v.scale), v, [dn.out_spec[1]])]
 
 
 def _gather(eqn, invals, ctx):
@@ -251,15 +286,15 @@ def _gather(eqn, invals, ctx):
   d = jax.lax.dot_general(ga, b_sq, (([ga.ndim - 1], [b_sq.ndim - 1]), ([], [])))
   order = [q for q in range(out_rank) if q not in o_pos] + o_pos
   d = jnp.transpose(d, np.argsort(order))
-  return [_add_scaled(y, d, v.scale)]
+  return [_scale_at(_add_scaled(y, d, v.scale), v, o_pos)]
 
 
 def _transpose(eqn, invals, ctx):
   (v,) = invals
   perm = tuple(eqn.params['permutation'])
   full = perm + (len(perm),)
-  return [v.replace(w=_bind_on_w(eqn, v), a=jnp.transpose(v.a, full),
-                    b=jnp.transpose(v.b, full), kinds=tuple(v.kinds[q] for q in perm))]
+  tr = lambda arr: jnp.transpose(arr, full)
+  return [v.move(tr, tr, w=_bind_on_w(eqn, v), kinds=tuple(v.kinds[q] for q in perm))]
 
 
 def _passthrough(eqn, invals, ctx):
@@ -285,11 +320,16 @@ def _reshape(eqn, invals, ctx):
       return None
     for q in gj:
       kinds[q] = next(iter(ks))
-  r = v.a.shape[-1]
-  a_shape = tuple(1 if k == 'o' else s for k, s in zip(kinds, new)) + (r,)
-  b_shape = tuple(1 if k == 'i' else s for k, s in zip(kinds, new)) + (r,)
-  return [v.replace(w=_bind_on_w(eqn, v), a=v.a.reshape(a_shape), b=v.b.reshape(b_shape),
-                    kinds=tuple(kinds))]
+  return [_regroup(eqn, v, kinds, new)]
+
+
+def _regroup(eqn, v: LowRank, kinds, shape) -> LowRank:
+  """W reshaped to `shape` (axis kinds `kinds`); the factors follow with 1 on unspanned axes."""
+  fa = lambda arr: arr.reshape(
+      tuple(1 if k == 'o' else s for k, s in zip(kinds, shape)) + (arr.shape[-1],))
+  fb = lambda arr: arr.reshape(
+      tuple(1 if k == 'i' else s for k, s in zip(kinds, shape)) + (arr.shape[-1],))
+  return v.move(fa, fb, w=_bind_on_w(eqn, v), kinds=tuple(kinds))
 
 
 def _broadcast_in_dim(eqn, invals, ctx):
@@ -308,19 +348,15 @@ def _broadcast_in_dim(eqn, invals, ctx):
     kinds.append(last)
   first = v.kinds[0]
   kinds = [k or first for k in kinds]
-  r = v.a.shape[-1]
-  a_shape = tuple(1 if k == 'o' else s for k, s in zip(kinds, shape)) + (r,)
-  b_shape = tuple(1 if k == 'i' else s for k, s in zip(kinds, shape)) + (r,)
-  return [v.replace(w=_bind_on_w(eqn, v), a=v.a.reshape(a_shape), b=v.b.reshape(b_shape),
-                    kinds=tuple(kinds))]
+  return [_regroup(eqn, v, kinds, shape)]
 
 
 def _drop_unit_axes(eqn, v: LowRank, axes):
   kinds = tuple(k for d, k in enumerate(v.kinds) if d not in axes)
   if 'i' not in kinds or 'o' not in kinds:
     return None
-  return [v.replace(w=_bind_on_w(eqn, v), a=jnp.squeeze(v.a, axes), b=jnp.squeeze(v.b, axes),
-                    kinds=kinds)]
+  sq = lambda arr: jnp.squeeze(arr, axes)
+  return [v.move(sq, sq, w=_bind_on_w(eqn, v), kinds=kinds)]
 
 
 def _squeeze(eqn, invals, ctx):
@@ -341,15 +377,15 @@ def _slice(eqn, invals, ctx):
   (v,) = invals
   p = eqn.params
   strides = p['strides'] or (1,) * v.w.ndim
-  r = v.a.shape[-1]
 
   def sl(arr, skip):
     start = tuple(0 if k == skip else s for k, s in zip(v.kinds, p['start_indices'])) + (0,)
-    limit = tuple(1 if k == skip else s for k, s in zip(v.kinds, p['limit_indices'])) + (r,)
+    limit = tuple(1 if k == skip else s for k, s in zip(v.kinds, p['limit_indices'])) + (
+        arr.shape[-1],)
     st = tuple(1 if k == skip else s for k, s in zip(v.kinds, strides)) + (1,)
     return jax.lax.slice(arr, start, limit, st)
 
-  return [v.replace(w=_bind_on_w(eqn, v), a=sl(v.a, 'o'), b=sl(v.b, 'i'))]
+  return [v.move(lambda arr: sl(arr, 'o'), lambda arr: sl(arr, 'i'), w=_bind_on_w(eqn, v))]
 
 
 def _dynamic_slice(eqn, invals, ctx):
@@ -357,16 +393,15 @@ def _dynamic_slice(eqn, invals, ctx):
   if any(_is_special(s) for s in starts):
     return None
   sizes = eqn.params['slice_sizes']
-  r = v.a.shape[-1]
   zero = jnp.zeros((), jnp.asarray(starts[0]).dtype) if starts else 0
 
   def sl(arr, skip):
     st = [zero if k == skip else s for k, s in zip(v.kinds, starts)] + [zero]
-    sz = tuple(1 if k == skip else s for k, s in zip(v.kinds, sizes)) + (r,)
+    sz = tuple(1 if k == skip else s for k, s in zip(v.kinds, sizes)) + (arr.shape[-1],)
     return jax.lax.dynamic_slice(arr, st, sz)
 
   w = _bind(eqn, [v.w, *starts])
-  return [v.replace(w=w, a=sl(v.a, 'o'), b=sl(v.b, 'i'))]
+  return [v.move(lambda arr: sl(arr, 'o'), lambda arr: sl(arr, 'i'), w=w)]
 
 
 def _materialize_outs(outs, ctx, why):
@@ -402,7 +437,7 @@ def _scan(eqn, invals, ctx):
   packed, kinds = [], []
   for x in xs:
     if isinstance(x, LowRank) and x.kinds[0] == 'b':
-      packed.append((x.w, x.a, x.b))
+      packed.append((x.w, x.a, x.b, x.g))
       kinds.append(x)
     else:
       packed.append(_materialize(x, ctx, 'scan xs (kernel not stacked on the scanned axis)'))
@@ -418,8 +453,8 @@ def _scan(eqn, invals, ctx):
       if tmpl is None:
         xs_v.append(x)
       else:
-        w, a, b = x
-        xs_v.append(tmpl.replace(w=w, a=a, b=b, kinds=tmpl.kinds[1:]))
+        w, a, b, g = x
+        xs_v.append(tmpl.replace(w=w, a=a, b=b, g=g, kinds=tmpl.kinds[1:]))
     sub = ctx.child(key)
     outs = _eval(closed.jaxpr, closed.consts, list(consts) + list(c) + xs_v, sub)
     outs = _materialize_outs(outs, ctx, 'scan output')
@@ -522,12 +557,13 @@ def _to_value(adapted: adapters_lib.Adapted, path: str):
   if isinstance(ad, variants.FullParams):
     return ad.value
   variant = variants.get(ad.spec.variant)
-  if variant.factored is None:
+  f = None if variant.factored is None else variant.factored(adapted.w, ad)
+  if f is None:
     return Dense(adapted.w, ad, path)
-  f = variant.factored(adapted.w, ad)
   kinds = ad.spec.kinds
   a, b = layout.to_broadcast(f.a, f.b, kinds)
-  return LowRank(adapted.w, a, b, kinds, float(f.scale), path, ad.spec.dropout)
+  g = None if f.out_scale is None else layout.scale_to_broadcast(f.out_scale, kinds)
+  return LowRank(adapted.w, a, b, kinds, float(f.scale), path, ad.spec.dropout, g)
 
 
 def lora(fn: Callable, *, strict: bool | None = None) -> Callable:

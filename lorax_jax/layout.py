@@ -39,6 +39,20 @@ def to_broadcast(a, b, kinds: Sequence[str]):
   return a, b
 
 
+def scale_to_broadcast(g, kinds: Sequence[str]):
+  """A per-output-unit scale (batch + out shape, canonical) -> B-like broadcast layout (r = 1)."""
+  nb = sum(k == 'b' for k in kinds)
+  g = jnp.expand_dims(g, nb)
+  dummy = jnp.zeros((1,) * (sum(k == 'i' for k in kinds) + nb) + (1,), g.dtype)
+  return to_broadcast(dummy, g, kinds)[1]
+
+
+def squeeze_in(g, kinds: Sequence[str]):
+  """A broadcast-layout scale (W rank + trailing 1) -> its non-in axes in W order."""
+  ins = tuple(d for d, k in enumerate(kinds) if k == 'i')
+  return jnp.squeeze(g, ins + (len(kinds),))
+
+
 def product(a, b, kinds: Sequence[str], dtype=None):
   """sum_r A * B in W's layout from broadcast-layout factors, as one batched matmul."""
   n = len(kinds)
@@ -63,6 +77,20 @@ def product(a, b, kinds: Sequence[str], dtype=None):
 def delta_canonical(a, b, kinds: Sequence[str], dtype=None):
   """A @ B (canonical layout) in W's layout."""
   return product(*to_broadcast(a, b, kinds), kinds, dtype)
+
+
+def to_matrix(w, batch_axes, in_axes, out_axes):
+  """W -> batch_shape + (d_in, d_out): the kernel as a (stack of) matrices."""
+  w = jnp.transpose(w, tuple(batch_axes) + tuple(in_axes) + tuple(out_axes))
+  nb, ni = len(batch_axes), len(in_axes)
+  return w.reshape(w.shape[:nb] + (int(np.prod(w.shape[nb:nb + ni])), -1))
+
+
+def from_matrix(m, shape, batch_axes, in_axes, out_axes):
+  """The inverse of `to_matrix` for a kernel of `shape`."""
+  order = tuple(batch_axes) + tuple(in_axes) + tuple(out_axes)
+  m = m.reshape(tuple(shape[d] for d in order))
+  return jnp.transpose(m, np.argsort(order))
 
 
 def reshape_groups(old: Sequence[int], new: Sequence[int]):

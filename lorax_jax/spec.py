@@ -43,6 +43,10 @@ class LeafSpec:
     batch_axes: stacked (scanned / vmapped) axes of the kernel; adapters are stacked over them.
     in_axes: axes contracted with the layer input (A's side).
     out_axes: axes that form the layer output (B's side).
+    options: variant-specific settings (`Variant.options` keys), as sorted `(key, value)` pairs
+      with the variant's defaults filled in; read them with `opt(key)`.
+    path: the leaf's '/'-joined parameter path.
+    rule: the pattern of the rule that selected the leaf.
   """
   variant: str
   rank: int = 0
@@ -55,6 +59,16 @@ class LeafSpec:
   batch_axes: tuple[int, ...] = ()
   in_axes: tuple[int, ...] = ()
   out_axes: tuple[int, ...] = ()
+  options: tuple[tuple[str, Any], ...] = ()
+  path: str = ''
+  rule: str = ''
+
+  def opt(self, key: str) -> Any:
+    """The value of variant option `key`."""
+    for k, v in self.options:
+      if k == key:
+        return v
+    raise KeyError(f'{self.variant!r} spec for {self.path!r} has no option {key!r}.')
 
   @property
   def scale(self) -> float:
@@ -158,26 +172,35 @@ def _resolve_axes(path, shape, setting, inferred):
     raise ValueError(
         f'Axes of {path!r} (shape {shape}) must split all {ndim} axes into non-empty in_axes and '
         f'out_axes plus batch_axes; got batch={batch_axes}, in={in_axes}, out={out_axes}.')
-  return tuple(batch_axes), tuple(in_axes), tuple(out_axes)
+  # Canonical factor layouts list each group's axes in W's order.
+  return tuple(sorted(batch_axes)), tuple(sorted(in_axes)), tuple(sorted(out_axes))
 
 
-def _leaf_spec(path, leaf, setting, defaults, inferred) -> LeafSpec | None:
+def _variant_options() -> set[str]:
+  from lorax_jax import variants  # pylint: disable=g-import-not-at-top
+  return {k for name in variants.names() for k in variants.get(name).options}
+
+
+def _leaf_spec(path, leaf, setting, defaults, inferred, rule='') -> LeafSpec | None:
   from lorax_jax import variants  # pylint: disable=g-import-not-at-top
   if setting is None:
     return None
   if isinstance(setting, str):
     setting = {'variant': setting}
   if isinstance(setting, LeafSpec):
-    setting = {f.name: getattr(setting, f.name) for f in dataclasses.fields(setting)
-               if f.name != 'shape'}
+    setting = {**{f.name: getattr(setting, f.name) for f in dataclasses.fields(setting)
+                  if f.name not in ('shape', 'options', 'path', 'rule')},
+               **dict(setting.options)}
   if not isinstance(setting, dict):
     raise ValueError(f'Setting for {path!r} must be None, "full", a dict or a LeafSpec; '
                      f'got {setting!r}.')
-  unknown = sorted(set(setting) - set(SETTING_KEYS))
-  if unknown:
-    raise ValueError(f'Unknown setting keys {unknown} for {path!r}; allowed: {list(SETTING_KEYS)}.')
   merged = {**defaults, **setting}
   variant = merged.get('variant', 'lora')
+  own = dict(variants.get(variant).options) if variant in variants.names() else {}
+  unknown = sorted(set(setting) - set(SETTING_KEYS) - set(own))
+  if unknown:
+    raise ValueError(f'Unknown setting keys {unknown} for {path!r} (variant {variant!r}); '
+                     f'allowed: {list(SETTING_KEYS) + sorted(own)}.')
   shape = tuple(getattr(leaf, 'shape', ()))
   dtype = getattr(leaf, 'dtype', None)
   if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
@@ -218,9 +241,19 @@ def _leaf_spec(path, leaf, setting, defaults, inferred) -> LeafSpec | None:
       raise ValueError(f'dtype={adapter_dtype!r} for {path!r} is not a dtype.') from None
     if not jnp.issubdtype(adapter_dtype, jnp.floating):
       raise ValueError(f'dtype={adapter_dtype!r} for {path!r}: adapters need a float dtype.')
+  options = []
+  for key in sorted(own):
+    value = merged.get(key, own[key])
+    try:
+      hash(value)
+    except TypeError:
+      raise ValueError(f'{key}={value!r} for {path!r} must be a hashable value (a number, '
+                       'string or tuple).') from None
+    options.append((key, value))
   spec = LeafSpec(variant=variant, rank=int(rank), alpha=alpha, scaling=scaling, dropout=dropout,
                   init=init, dtype=adapter_dtype, shape=shape, batch_axes=batch_axes,
-                  in_axes=in_axes, out_axes=out_axes)
+                  in_axes=in_axes, out_axes=out_axes, options=tuple(options), path=path,
+                  rule=rule)
   variants.get(variant).check(path, spec)
   return spec
 
@@ -232,7 +265,8 @@ def make_spec(params: Any, rules: Sequence[Any], *, fn: Callable | None = None,
 
   Each rule's regex is searched (`re.search`) in the '/'-joined path of every leaf; the first
   rule that matches a leaf decides it. A setting is `None` (frozen), `'full'` (train the leaf
-  fully: a classifier head, norms) or a dict with keys from `SETTING_KEYS`; missing keys come from
+  fully: a classifier head, norms) or a dict with keys from `SETTING_KEYS` and the variant's own
+  options (`variants.get(name).options`, e.g. LoKr's `factor`); missing keys come from
   `**defaults` (variant `'lora'`, rank 8, alpha = rank, scaling `'alpha/r'`).
 
   In/out axes of 2-D kernels are (0,) and (1,). Multi-axis and stacked kernels take theirs from
@@ -251,13 +285,14 @@ def make_spec(params: Any, rules: Sequence[Any], *, fn: Callable | None = None,
     A nested dict shaped like `params` with a `LeafSpec` or `None` at every leaf.
 
   Raises:
-    ValueError: a rule that matches no path (or only paths earlier rules decide), an unknown variant, scaling, init or setting key,
-      a rank outside [1, min(d_in, d_out)], or a rule on a leaf that is not a float array of
-      rank >= 2.
+    ValueError: a rule that matches no path (or only paths earlier rules decide), an unknown
+      variant, scaling, init or setting key, a rank outside [1, min(d_in, d_out)], a variant
+      option its variant rejects, or a rule on a leaf that is not a float array of rank >= 2.
   """
-  unknown = sorted(set(defaults) - set(SETTING_KEYS))
+  unknown = sorted(set(defaults) - set(SETTING_KEYS) - _variant_options())
   if unknown:
-    raise ValueError(f'Unknown defaults {unknown}; allowed: {list(SETTING_KEYS)}.')
+    raise ValueError(f'Unknown defaults {unknown}; allowed: {list(SETTING_KEYS)} and the '
+                     f'variant options {sorted(_variant_options())}.')
   rules = [_as_rule(r) for r in rules]
   compiled = []
   for rule in rules:
@@ -271,13 +306,13 @@ def make_spec(params: Any, rules: Sequence[Any], *, fn: Callable | None = None,
   wins = [False] * len(rules)
   items = {}
   for path, keys, leaf in leaves:
-    setting, decided = None, False
+    setting, decided, pattern = None, False, ''
     for i, rx in enumerate(compiled):
       if rx.search(path):
         hits[i] = True
         if not decided:
-          wins[i], decided, setting = True, True, rules[i].setting
-    items[keys] = _leaf_spec(path, leaf, setting, defaults, inferred.get(path))
+          wins[i], decided, setting, pattern = True, True, rules[i].setting, rules[i].pattern
+    items[keys] = _leaf_spec(path, leaf, setting, defaults, inferred.get(path), pattern)
   for rule, hit, win in zip(rules, hits, wins):
     if rule.optional or win:
       continue
@@ -306,12 +341,20 @@ def summary(params: Any, spec: dict[str, Any], *, print_fn: Callable[[str], Any]
   specs = spec_leaves(spec)
   total = 0
   rows = []
+  groups = set()
   for path, _, leaf in paths.leaves_with_paths(params):
     total += int(np.prod(np.shape(leaf)))
     s = specs.get(path)
     if s is None:
       continue
-    n = int(np.prod(s.shape)) if s.variant == FULL else variants.get(s.variant).num_params(s)
+    if s.variant == FULL:
+      n = int(np.prod(s.shape))
+    else:
+      variant = variants.get(s.variant)
+      n = variant.num_params(s)
+      if variant.tie is not None and (s.variant, variant.tie.key(s)) not in groups:
+        groups.add((s.variant, variant.tie.key(s)))   # shared arrays, counted at their owner
+        n += variant.tie.shared_params(s)
     rows.append((path, 'x'.join(map(str, s.shape)), s.variant,
                  '-' if s.variant == FULL else str(s.rank), n))
   trainable = sum(r[4] for r in rows)

@@ -16,29 +16,16 @@ import jax
 import optax
 
 from lorax_jax import adapters as adapters_lib
+from lorax_jax import variants
 
-LABELS = ('lora_a', 'lora_b', 'full')
-
-
-def labels(adapters: Any) -> Any:
-  """A tree like `adapters` naming each leaf's group: `'lora_b'` for B-side factors of low-rank
-  variants (the `b` field), `'full'` for fully trained leaves, `'lora_a'` for everything else."""
-
-  def label(kp, _):
-    last = kp[-1] if kp else None
-    names = [getattr(k, 'name', None) for k in kp]
-    if 'value' in names[-1:] and len(kp) >= 1:
-      return 'full'
-    if isinstance(last, jax.tree_util.GetAttrKey) and last.name == 'b':
-      return 'lora_b'
-    return 'lora_a'
-
-  return jax.tree_util.tree_map_with_path(label, adapters)
+LABELS = ('lora_a', 'lora_b', 'full', 'frozen')
+labels = adapters_lib.labels
 
 
 def optimizer(learning_rate: float | optax.Schedule, *, loraplus_ratio: float = 1.0,
               weight_decay: float = 0.0, full_learning_rate: float | optax.Schedule | None = None,
               make: Callable[..., optax.GradientTransformation] = optax.adamw,
+              lora_fa_precondition: bool = False,
               **kwargs) -> optax.GradientTransformation:
   """AdamW (or `make`) over the adapter tree, with LoRA+ and adapter-only weight decay.
 
@@ -49,7 +36,12 @@ def optimizer(learning_rate: float | optax.Schedule, *, loraplus_ratio: float = 
       trained leaves), never to the frozen base, which the optimizer does not see.
     full_learning_rate: learning rate of fully trained leaves (default `learning_rate`).
     make: optax optimizer factory taking `learning_rate` and `weight_decay`.
+    lora_fa_precondition: precondition the B gradients of `lora_fa` leaves as PEFT's LoRA-FA
+      optimizer does (`variants.lora_fa_preconditioner`).
     **kwargs: passed to `make`.
+
+  Arrays the method keeps fixed (label `'frozen'`: LoRA-FA's A, LoRA-XS's SVD factors) get no
+  update and no weight decay.
 
   Returns:
     An `optax.GradientTransformation` for adapter trees.
@@ -71,8 +63,12 @@ def optimizer(learning_rate: float | optax.Schedule, *, loraplus_ratio: float = 
       'lora_b': make(learning_rate=scaled(learning_rate, loraplus_ratio),
                      weight_decay=weight_decay, **kwargs),
       'full': make(learning_rate=full_lr, weight_decay=weight_decay, **kwargs),
+      'frozen': optax.set_to_zero(),
   }
-  return optax.multi_transform(txs, labels)
+  tx = optax.multi_transform(txs, labels)
+  if lora_fa_precondition:
+    tx = optax.chain(variants.lora_fa_preconditioner(), tx)
+  return tx
 
 
 def make_train_step(loss_fn: Callable[..., Any], tx: optax.GradientTransformation, *,

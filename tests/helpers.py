@@ -47,6 +47,19 @@ def f64_reference(fn, params, adapters, *args):
     return jax.tree_util.tree_map(lambda x: np.asarray(x, np.float64), out)
 
 
+def assert_factored_and_merged_match_float64(fn, params, adapters, args, dtype):
+  """`lora(fn)` (jitted) and `fn` on `merge(...)` both match the float64 merged reference within
+  `TOL[dtype]`, keep the base's output dtype, and the adapter visibly changes the output."""
+  out = jax.jit(lj.lora(fn))(lj.join(params, adapters), *args)
+  ref = f64_reference(fn, params, adapters, *args)
+  assert out.dtype == fn(params, *args).dtype
+  base = np.asarray(fn(params, *args).astype(jnp.float32), np.float64)
+  assert rel_err(base, ref) > 1e-2, 'the adapter must change the output'
+  assert rel_err(out, ref) < TOL[dtype]
+  merged_out = fn(lj.merge(params, adapters), *args)
+  assert rel_err(merged_out, ref) < TOL[dtype]
+
+
 def rel_err(out, ref):
   out = np.asarray(jnp.asarray(out, jnp.float32), np.float64)
   return float(np.max(np.abs(out - ref)) / max(np.max(np.abs(ref)), 1e-30))

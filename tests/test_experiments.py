@@ -40,3 +40,19 @@ def test_step_cost_benchmark_passes_its_claims():
       'full', 'lora', 'merge')}
   assert float(rows['lora'][2]) <= 0.75
   assert float(rows['lora'][1]) < float(rows['merge'][1])
+
+
+def test_variants_cost_benchmark_covers_every_variant_and_gates_dora():
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  proc = subprocess.run(
+      [sys.executable, '-m', 'experiments.benchmarks.variants_cost', '--d_model', '64',
+       '--layers', '1', '--batch', '2', '--seq', '32', '--repeats', '1'],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  rows = {l.split()[0]: l.split() for l in proc.stdout.splitlines() if l.split()}
+  import lorax_jax as lj  # pylint: disable=g-import-not-at-top
+  for name in lj.variants.names():
+    assert name in rows, proc.stdout
+  assert float(rows['dora'][4]) <= 1.5          # FLOPs x lora
+  assert float(rows['lora_xs'][2]) < 0.05       # trainable x lora
+  assert rows['lora'][-1] == 'yes' and rows['dora'][-1] == 'yes'

@@ -179,14 +179,7 @@ def test_identity_at_init(name, dtype):
 def test_factored_matches_float64_merged(name, dtype):
   case, params, args, adapters = _setup(name, dtype)
   adapters = helpers.randomize(adapters, jax.random.key(3))
-  out = jax.jit(lj.lora(case.fn))(lj.join(params, adapters), *args)
-  ref = helpers.f64_reference(case.fn, params, adapters, *args)
-  assert out.dtype == case.fn(params, *args).dtype
-  base = np.asarray(case.fn(params, *args).astype(jnp.float32), np.float64)
-  assert helpers.rel_err(base, ref) > 1e-2, 'the adapter must change the output'
-  assert helpers.rel_err(out, ref) < helpers.TOL[dtype]
-  merged_out = case.fn(lj.merge(params, adapters), *args)
-  assert helpers.rel_err(merged_out, ref) < helpers.TOL[dtype]
+  helpers.assert_factored_and_merged_match_float64(case.fn, params, adapters, args, dtype)
 
 
 @pytest.mark.parametrize('dtype', DTYPES, ids=lambda d: jnp.dtype(d).name)

@@ -116,6 +116,19 @@ def test_base_is_cached_and_reused(tmp_path):
   assert len(glob.glob(str(tmp_path / 'bases' / '*.msgpack'))) == 1
 
 
+# The variants whose state has more than LoRA's kind of arrays: a magnitude, frozen arrays,
+# shared arrays held by one leaf (None elsewhere), a Kronecker factor.
+@pytest.mark.parametrize('variant', ['dora', 'lora_fa', 'tied_lora', 'lokr'])
+def test_variants_train_checkpoint_and_resume(tmp_path, variant):
+  c = _config(tmp_path, f'quick,variant={variant},rank=4')
+  if variant == 'lokr':
+    c.adapter.options.factor = 4
+  r1 = train.train_and_evaluate(c, str(tmp_path / 'a'))
+  assert r1['steps'] == 3 and 0 < r1['trainable_fraction'] < 0.5
+  r2 = train.train_and_evaluate(c, str(tmp_path / 'a'))   # restores frozen and shared arrays
+  assert r2['resumed_from'] == 3 and r2['accuracy'] == r1['accuracy']
+
+
 def test_rerun_of_a_finished_run_resumes_at_the_end(tmp_path):
   c = _config(tmp_path)
   r1 = train.train_and_evaluate(c, str(tmp_path / 'a'))
@@ -149,7 +162,8 @@ def test_bad_config_values(tmp_path, arg, message):
 
 @pytest.mark.parametrize('arg,message', [
     ('quick,rnak=3', "Unknown config argument 'rnak'; allowed: ['method', 'model', 'quick', "
-                     "'rank']"),
+                     "'rank', 'variant']"),
+    ('variant=dorra', "Unknown variant 'dorra'; allowed: ['dora',"),
     ('rank=three', "Config argument rank='three' is not a int"),
     ('model', "Config argument 'model' needs a value"),
 ])

@@ -16,8 +16,6 @@ than merge-before-forward.
 
 from __future__ import annotations
 
-import sys
-import time
 
 from absl import app
 from absl import flags
@@ -26,6 +24,8 @@ import numpy as np
 import optax
 
 import lorax_jax as lj
+from experiments.benchmarks import common
+from experiments.benchmarks.common import compiled_cost, median_time
 from lorax_jax.models import Decoder
 
 _D_MODEL = flags.DEFINE_integer('d_model', 256, 'Model width.')
@@ -35,27 +35,6 @@ _BATCH = flags.DEFINE_integer('batch', 8, 'Sequences per step.')
 _SEQ = flags.DEFINE_integer('seq', 128, 'Tokens per sequence.')
 _REPEATS = flags.DEFINE_integer('repeats', 10, 'Timed steps per method (median reported).')
 _MAX_RATIO = 0.75
-
-
-def _cost(compiled) -> tuple[float, dict[str, int]]:
-  cost = compiled.cost_analysis()
-  if isinstance(cost, (list, tuple)):
-    cost = cost[0]
-  mem = compiled.memory_analysis()
-  fields = ('argument_size_in_bytes', 'output_size_in_bytes', 'temp_size_in_bytes',
-            'alias_size_in_bytes')
-  return float(cost.get('flops', 0.0)), {f: int(getattr(mem, f, 0) or 0) for f in fields}
-
-
-def _time(fn, args, repeats):
-  out = fn(*args)
-  jax.block_until_ready(out)
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t)
-  return float(np.median(times))
 
 
 def measure(d_model=256, layers=4, rank=8, batch=8, seq=128, repeats=10):
@@ -104,8 +83,8 @@ def measure(d_model=256, layers=4, rank=8, batch=8, seq=128, repeats=10):
   for name, (fn, args) in runs.items():
     jitted = jax.jit(fn)
     compiled = jitted.lower(*args).compile()
-    flops, mem = _cost(compiled)
-    results[name] = dict(flops=flops, **mem, seconds=_time(compiled, args, repeats))
+    flops, mem = compiled_cost(compiled)
+    results[name] = dict(flops=flops, **mem, seconds=median_time(compiled, args, repeats))
   results['_meta'] = dict(trainable=lj.count_params(adapters),
                           total=sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(
                               params)))
@@ -148,13 +127,9 @@ def main(argv):
   del argv
   results = measure(_D_MODEL.value, _LAYERS.value, _RANK.value, _BATCH.value, _SEQ.value,
                     _REPEATS.value)
-  print(f'decoder d_model={_D_MODEL.value} layers={_LAYERS.value} rank={_RANK.value} '
-        f'batch={_BATCH.value}x{_SEQ.value} on {jax.devices()[0].platform}')
-  print(report(results))
-  failed = check(results)
-  for f in failed:
-    print('FAILED:', f)
-  sys.exit(1 if failed else 0)
+  common.finish(f'decoder d_model={_D_MODEL.value} layers={_LAYERS.value} rank={_RANK.value} '
+                f'batch={_BATCH.value}x{_SEQ.value} on {jax.devices()[0].platform}',
+                report(results), check(results))
 
 
 if __name__ == '__main__':

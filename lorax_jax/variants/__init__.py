@@ -7,11 +7,28 @@ from __future__ import annotations
 
 from typing import Callable
 
-from lorax_jax.variants.base import Factored, FullParams, Variant
+from lorax_jax.variants import base  # noqa: F401  (variants.base)
+from lorax_jax.variants.base import Factored, FullParams, Tie, Variant
+from lorax_jax.variants.dora import DoraParams, dora
+from lorax_jax.variants.loha import LohaParams, loha
+from lorax_jax.variants.lokr import LokrParams, lokr
 from lorax_jax.variants.lora import LoraParams, lora
+from lorax_jax.variants.lora_fa import LoraFaParams, lora_fa, lora_fa_preconditioner
+from lorax_jax.variants.lora_xs import LoraXsParams, lora_xs
+from lorax_jax.variants.nola import NolaParams, nola
+from lorax_jax.variants.tied_lora import TiedLoraParams, tied_lora
+from lorax_jax.variants.vera import VeraParams, vera
 
 _FACTORIES: dict[str, Callable[[], Variant]] = {
     'lora': lora,
+    'dora': dora,
+    'vera': vera,
+    'lora_fa': lora_fa,
+    'loha': loha,
+    'lokr': lokr,
+    'lora_xs': lora_xs,
+    'tied_lora': tied_lora,
+    'nola': nola,
 }
 _CACHE: dict[str, Variant] = {}
 
@@ -36,4 +53,9 @@ def get(name: str) -> Variant:
   return _CACHE[name]
 
 
-__all__ = ['Factored', 'FullParams', 'LoraParams', 'Variant', 'get', 'lora', 'names', 'register']
+__all__ = [
+    'DoraParams', 'Factored', 'FullParams', 'LohaParams', 'LokrParams', 'LoraFaParams',
+    'LoraParams', 'LoraXsParams', 'NolaParams', 'Tie', 'TiedLoraParams', 'Variant', 'VeraParams',
+    'dora', 'get', 'loha', 'lokr', 'lora', 'lora_fa', 'lora_fa_preconditioner', 'lora_xs',
+    'names', 'nola', 'register', 'tied_lora', 'vera',
+]

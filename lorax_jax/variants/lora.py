@@ -10,10 +10,10 @@ import dataclasses
 import math
 
 import jax
-import jax.numpy as jnp
 
 from lorax_jax import layout
 from lorax_jax.spec import LeafSpec
+from lorax_jax.variants import common
 from lorax_jax.variants.base import Factored, Variant
 
 
@@ -35,16 +35,7 @@ def lora() -> Variant:
   """
 
   def init(key, w, spec: LeafSpec):
-    dtype = jnp.dtype(spec.dtype or w.dtype)
-    d_in = math.prod(spec.in_shape)
-    a_shape = spec.batch_shape + spec.in_shape + (spec.rank,)
-    if spec.init == 'kaiming':
-      bound = 1.0 / math.sqrt(d_in)
-      a = jax.random.uniform(key, a_shape, dtype, -bound, bound)
-    else:
-      a = (jax.random.normal(key, a_shape, dtype) / spec.rank).astype(dtype)
-    b = jnp.zeros(spec.batch_shape + (spec.rank,) + spec.out_shape, dtype)
-    return w, LoraParams(a, b, spec)
+    return w, LoraParams(*common.lora_pair(key, w, spec), spec)
 
   def factored(w, p: LoraParams):
     del w
