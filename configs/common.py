@@ -52,3 +52,12 @@ def adapter(rank: int, variant: str = 'lora') -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       variant=variant, rank=rank, alpha=2.0 * rank, scaling='alpha/r', dropout=0.0,
       options=ml_collections.ConfigDict(dict(variants.get(variant).options))))
+
+
+def parallel() -> tuple[ml_collections.ConfigDict, ml_collections.ConfigDict]:
+  """The device mesh (`data`, `fsdp`, `tensor` sizes; -1 = the rest) and the parameter sharding
+  (`preset`: replicated | fsdp | tensor | fsdp_tensor, or `rules`: [(regex, PartitionSpec axes)],
+  which take precedence) of the configs. Default: data parallel over every device."""
+  mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  sharding = ml_collections.ConfigDict(dict(preset='fsdp', rules=()))
+  return mesh, sharding

@@ -28,6 +28,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       steps=30 if a.quick else 800, learning_rate=3e-3, dir=''))
   c.method = a.method
   c.adapter = common.adapter(a.rank, a.variant)
+  c.mesh, c.sharding = common.parallel()
   c.train = ml_collections.ConfigDict(dict(
       steps=20 if a.quick else 400, learning_rate=3e-3 if a.method != 'full' else 1e-3,
       warmup_steps=2 if a.quick else 40, weight_decay=1e-4, loraplus_ratio=4.0,

@@ -27,6 +27,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.base = ml_collections.ConfigDict(dict(steps=0, learning_rate=0.0, dir=''))
   c.method = a.method
   c.adapter = common.adapter(a.rank, a.variant)
+  c.mesh, c.sharding = common.parallel()
   c.train = ml_collections.ConfigDict(dict(
       steps=20 if a.quick else 300, learning_rate=2e-3 if a.method != 'full' else 1e-4,
       warmup_steps=2 if a.quick else 30, weight_decay=1e-4, loraplus_ratio=4.0,

@@ -27,6 +27,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       steps=150 if a.quick else 600, learning_rate=1e-3, dir=''))
   c.method = a.method
   c.adapter = common.adapter(a.rank, a.variant)
+  c.mesh, c.sharding = common.parallel()
   c.train = ml_collections.ConfigDict(dict(
       steps=100 if a.quick else 600, learning_rate=3e-3 if a.method != 'full' else 1e-3,
       warmup_steps=20 if a.quick else 50, weight_decay=1e-4, loraplus_ratio=4.0,

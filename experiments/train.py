@@ -15,6 +15,13 @@ With no flags it runs the default config (a tiny ViT pretrained on digits 0-4, L
      functions of the step), so a killed run resumes where its last checkpoint left it and ends
      with the same numbers; a NaN/inf loss stops the run with an error naming the step;
   5. metrics as JSON lines and TensorBoard events in the workdir, `results.json` at the end.
+
+Placement: a device mesh from `config.mesh` (`data`, `fsdp`, `tensor`; -1 = the rest) over every
+device of every process; the frozen base sharded by `config.sharding` (a preset or rules), the
+adapters and optimizer state by shardings derived from it; the step is jitted with them. With
+several processes (`--coordinator_address host:port --num_processes N --process_id i`, or
+`--distributed` on TPU pods / SLURM), every process runs the same command: each feeds its share of
+every global batch, all write the checkpoint together, and process 0 prints and writes metrics.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ import optax
 import lorax_jax as lj
 from lorax_jax import checkpoints as ckpt_lib
 from lorax_jax import metrics as metrics_lib
+from lorax_jax import sharding as sharding_lib
 
 from experiments import tasks
 
@@ -50,6 +58,19 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string(
     'workdir', os.path.join(tempfile.gettempdir(), 'lorax_jax', 'vit_digits'),
     'Directory for checkpoints and metrics; rerunning with the same one resumes.')
+_COORDINATOR = flags.DEFINE_string(
+    'coordinator_address', os.environ.get('JAX_COORDINATOR_ADDRESS'),
+    'host:port of process 0, when this is one of several processes (GPU clusters; TPU pods and '
+    'SLURM are detected without it: pass --distributed).')
+_NUM_PROCESSES = flags.DEFINE_integer(
+    'num_processes', int(os.environ['JAX_NUM_PROCESSES']) if os.environ.get(
+        'JAX_NUM_PROCESSES') else None, 'Number of processes (with --coordinator_address).')
+_PROCESS_ID = flags.DEFINE_integer(
+    'process_id', int(os.environ['JAX_PROCESS_ID']) if os.environ.get('JAX_PROCESS_ID') else None,
+    'This process\'s index (with --coordinator_address).')
+_DISTRIBUTED = flags.DEFINE_bool(
+    'distributed', False, 'Call jax.distributed.initialize() with auto-detection (TPU pods, '
+    'SLURM, Open MPI).')
 
 
 def _check(config):
@@ -61,6 +82,30 @@ def _check(config):
   if not 0 <= config.train.warmup_steps < config.train.steps:
     raise ValueError(f'train.warmup_steps={config.train.warmup_steps} must be in '
                      f'[0, train.steps={config.train.steps}).')
+
+
+def _host(x) -> float:
+  """A replicated scalar's value (also when it spans other processes' devices)."""
+  if not x.is_fully_addressable:
+    x = x.addressable_data(0)
+  return float(np.asarray(x))
+
+
+def _math_config(config) -> dict[str, Any]:
+  """The config without placement (mesh, sharding): a checkpoint restores across layouts."""
+  d = config.to_dict()
+  d.pop('mesh', None)
+  d.pop('sharding', None)
+  return d
+
+
+def _sharding_rules(config):
+  s = config.get('sharding')
+  if not s:
+    return sharding_lib.preset('fsdp')
+  if s.get('rules'):
+    return [(pattern, jax.sharding.PartitionSpec(*axes)) for pattern, axes in s.rules]
+  return sharding_lib.preset(s.preset)
 
 
 def _digest(obj) -> str:
@@ -146,6 +191,14 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   n_trainable = lj.count_params(adapters)
   n_total = sum(int(np.prod(np.shape(l))) for l in jax.tree_util.tree_leaves(params))
 
+  # Placement: the frozen base by the config's rules, adapters and optimizer state derived.
+  mesh = sharding_lib.make_mesh(config.get('mesh') or {})
+  base_sh = sharding_lib.param_shardings(params, mesh, _sharding_rules(config))
+  adapter_sh = sharding_lib.adapter_shardings(adapters, base_sh)
+  params = sharding_lib.place(params, base_sh)
+  adapters = sharding_lib.place(adapters, adapter_sh)
+  replicated = sharding_lib.replicated(mesh)
+
   apply = lj.lora(model.apply)
   t = config.train
   schedule = optax.warmup_cosine_decay_schedule(0.0, t.learning_rate, t.warmup_steps, t.steps,
@@ -157,21 +210,33 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     inputs, targets = batch
     return task.loss(apply(joined, *inputs, lora_rng=rng), targets)
 
-  step_fn = lj.make_train_step(loss_fn, tx)
+  opt_sh = sharding_lib.like_params(jax.eval_shape(tx.init, adapters), adapters, adapter_sh,
+                                    mesh=mesh)
+  opt_state = jax.jit(tx.init, out_shardings=opt_sh)(adapters)
+  batch_sh = jax.tree_util.tree_map(lambda x: sharding_lib.batch_sharding(mesh, np.ndim(x)),
+                                    task.train_batch(0))
+  step_fn = lj.make_train_step(loss_fn, tx, shardings=sharding_lib.TrainShardings(
+      base_sh, adapter_sh, opt_sh, batch_sh, mesh))
   all_finite = jax.jit(lambda tree: jnp.all(jnp.stack(
-      [jnp.all(jnp.isfinite(l)) for l in jax.tree_util.tree_leaves(tree)])))
+      [jnp.all(jnp.isfinite(l)) for l in jax.tree_util.tree_leaves(tree)])),
+                       out_shardings=replicated)
   metric = jax.jit(lambda p, a, inputs, targets: task.metric(
-      apply(lj.join(p, a), *inputs), targets))
-  base_metric = jax.jit(lambda p, inputs, targets: task.metric(model.apply(p, *inputs), targets))
-  first = next(iter(task.eval_sets))
+      apply(lj.join(p, a), *inputs), targets), out_shardings=replicated)
+  base_metric = jax.jit(lambda p, inputs, targets: task.metric(model.apply(p, *inputs), targets),
+                        out_shardings=replicated)
+  eval_sets = {k: sharding_lib.place(v, jax.tree_util.tree_map(lambda _: replicated, v))
+               for k, v in task.eval_sets.items()}
+  first = next(iter(eval_sets))
 
   def evaluate(p, a):
-    return {k: float(metric(p, a, *v)) for k, v in task.eval_sets.items()}
+    return {k: _host(metric(p, a, *v)) for k, v in eval_sets.items()}
 
   key = jax.random.key(config.seed)
-  state = {'adapters': adapters, 'opt_state': tx.init(adapters), 'step': jnp.int32(0),
+  state = {'adapters': adapters, 'opt_state': opt_state, 'step': jnp.int32(0),
            'rng': jax.random.key_data(key)}
-  metadata = dict(config=_digest(config.to_dict()), base=os.path.basename(base_path),
+  state = {**state, **sharding_lib.place({'step': state['step'], 'rng': state['rng']},
+                                         {'step': replicated, 'rng': replicated})}
+  metadata = dict(config=_digest(_math_config(config)), base=os.path.basename(base_path),
                   method=config.method)
   ckpts = ckpt_lib.Checkpoints(os.path.join(workdir, 'checkpoints'), t.checkpoint_every,
                                t.max_to_keep)
@@ -194,9 +259,10 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   step_times = []
   for step in range(start, t.steps):
     t0 = time.time()
-    adapters, opt_state, loss = step_fn(params, adapters, opt_state, task.train_batch(step),
+    batch = sharding_lib.global_batch(sharding_lib.process_rows(task.train_batch(step)), mesh)
+    adapters, opt_state, loss = step_fn(params, adapters, opt_state, batch,
                                         jax.random.fold_in(key, step))
-    loss = float(loss)
+    loss = _host(loss)
     step_times.append(time.time() - t0)
     if not np.isfinite(loss):
       ckpts.close()
@@ -208,20 +274,21 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
       writer.write(done, {'loss': loss, 'learning_rate': float(schedule(step))})
       progress.update(done, loss=loss)
     if done % t.eval_every == 0 or done == t.steps:
-      writer.write(done, {first: float(metric(params, adapters, *task.eval_sets[first]))})
-    if (done % t.checkpoint_every == 0 or done == t.steps) and not all_finite(adapters):
+      writer.write(done, {first: _host(metric(params, adapters, *eval_sets[first]))})
+    if (done % t.checkpoint_every == 0 or done == t.steps) and not _host(all_finite(adapters)):
       ckpts.close()
       raise ValueError(f'Adapters became NaN or infinite at step {done}; training stopped. The '
                        f'last good checkpoint (step {max(ckpts.steps(), default=0)}) is kept in '
                        f'{ckpts.directory}.')
-    ckpts.save(done, {'adapters': adapters, 'opt_state': opt_state, 'step': jnp.int32(done),
+    ckpts.save(done, {'adapters': adapters, 'opt_state': opt_state,
+                      'step': sharding_lib.place(np.int32(done), replicated),
                       'rng': state['rng']}, metadata, force=done == t.steps)
   ckpts.close()
   progress.close()
 
   results = dict(
       task=config.task, method=config.method, model=config.model.name, metric=first,
-      **{f'base_{k}': float(base_metric(params, *v)) for k, v in task.eval_sets.items()},
+      **{f'base_{k}': _host(base_metric(params, *v)) for k, v in eval_sets.items()},
       **evaluate(params, adapters),
       trainable_params=n_trainable, total_params=n_total,
       trainable_fraction=n_trainable / n_total, steps=t.steps, resumed_from=start,
@@ -249,10 +316,32 @@ def summary(results: dict[str, Any]) -> str:
   return '\n'.join(lines)
 
 
+def initialize_distributed(coordinator_address=None, num_processes=None, process_id=None,
+                           auto=False) -> bool:
+  """`jax.distributed.initialize` when this is one of several processes; True if it ran.
+
+  On CPU the processes exchange collectives over gloo.
+  """
+  if not (coordinator_address or auto):
+    return False
+  try:  # only the CPU backend reads it
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  except (AttributeError, KeyError, ValueError):
+    logging.info('This JAX has no gloo CPU collectives option.')
+  jax.distributed.initialize(coordinator_address=coordinator_address,
+                             num_processes=num_processes, process_id=process_id)
+  logging.info('Process %d of %d; %d local and %d global devices.', jax.process_index(),
+               jax.process_count(), jax.local_device_count(), jax.device_count())
+  return True
+
+
 def main(argv):
   del argv
+  initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                         _DISTRIBUTED.value)
   results = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  print(summary(results))
+  if jax.process_index() == 0:
+    print(summary(results))
 
 
 if __name__ == '__main__':

@@ -72,7 +72,8 @@ def optimizer(learning_rate: float | optax.Schedule, *, loraplus_ratio: float = 
 
 
 def make_train_step(loss_fn: Callable[..., Any], tx: optax.GradientTransformation, *,
-                    has_aux: bool = False, donate: bool = True) -> Callable:
+                    has_aux: bool = False, donate: bool = True,
+                    shardings: Any = None) -> Callable:
   """A jitted step that differentiates `loss_fn` with respect to the adapters only.
 
   Args:
@@ -81,6 +82,9 @@ def make_train_step(loss_fn: Callable[..., Any], tx: optax.GradientTransformatio
     tx: the optimizer (e.g. from `optimizer(...)`).
     has_aux: whether `loss_fn` returns `(loss, aux)`.
     donate: donate the adapter and optimizer-state buffers to the outputs.
+    shardings: optional `sharding.TrainShardings`: the step is jitted with them as
+      `in_shardings` / `out_shardings` (adapters and optimizer state keep theirs; the loss is
+      replicated), over the mesh they name.
 
   Returns:
     `step(params, adapters, opt_state, batch, rng=None) -> (adapters, opt_state, loss[, aux])`.
@@ -97,4 +101,19 @@ def make_train_step(loss_fn: Callable[..., Any], tx: optax.GradientTransformatio
       return adapters, opt_state, out[0], out[1]
     return adapters, opt_state, out
 
-  return jax.jit(step, donate_argnums=(1, 2) if donate else ())
+  donate_argnums = (1, 2) if donate else ()
+  if shardings is None:
+    return jax.jit(step, donate_argnums=donate_argnums)
+  rep = jax.sharding.NamedSharding(shardings.mesh, jax.sharding.PartitionSpec())
+  outs = (shardings.adapters, shardings.opt_state, rep) + ((None,) if has_aux else ())
+  jitted = jax.jit(step, donate_argnums=donate_argnums,
+                   in_shardings=(shardings.params, shardings.adapters, shardings.opt_state,
+                                 shardings.batch, rep),
+                   out_shardings=outs)
+
+  def sharded_step(params, adapters, opt_state, batch, rng=None):
+    return jitted(params, adapters, opt_state, batch, rng)
+
+  sharded_step.lower = lambda params, adapters, opt_state, batch, rng=None: jitted.lower(
+      params, adapters, opt_state, batch, rng)
+  return sharded_step

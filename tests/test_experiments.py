@@ -56,3 +56,17 @@ def test_variants_cost_benchmark_covers_every_variant_and_gates_dora():
   assert float(rows['dora'][4]) <= 1.5          # FLOPs x lora
   assert float(rows['lora_xs'][2]) < 0.05       # trainable x lora
   assert rows['lora'][-1] == 'yes' and rows['dora'][-1] == 'yes'
+
+
+def test_sharding_cost_benchmark_reports_every_layout():
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  proc = subprocess.run(
+      [sys.executable, '-m', 'experiments.benchmarks.sharding_cost', '--d_model', '64',
+       '--layers', '1', '--seq', '16'], cwd=ROOT, env=env, capture_output=True, text=True,
+      timeout=600)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  rows = {l.split()[0]: l.split() for l in proc.stdout.splitlines() if l.split()}
+  for name in ('data8', 'fsdp8', 'data2_fsdp4', 'data4_tensor2', 'fsdp4_tensor2'):
+    assert name in rows, proc.stdout
+  assert float(rows['fsdp8'][2]) <= 0.125 * 1.05          # base bytes per device x data8
+  assert 'all-gather' in ' '.join(rows['fsdp8'])           # FSDP gathers the base

@@ -83,6 +83,8 @@ class Variant(NamedTuple):
       `W + dW` with dW independent of W (DoRA); `cache` is what `merge_cache` returned.
     merge_cache: optional `(w, adapter) -> array` computed at merge time for `unmerge`.
     tie: optional `Tie` for variants that share arrays across leaves.
+    layout: `(spec) -> {field: axes}`: for every array axis of each field, the kernel axis it
+      spans (or None: a rank or coefficient axis). Sharding derives adapter shardings from it.
   """
   name: str
   init: Callable[[jax.Array, jax.Array, LeafSpec], tuple[jax.Array, Any]]
@@ -94,6 +96,7 @@ class Variant(NamedTuple):
   unmerge: Optional[Callable[[jax.Array, Any, Any], jax.Array]] = None
   merge_cache: Optional[Callable[[jax.Array, Any], jax.Array]] = None
   tie: Optional[Tie] = None
+  layout: Optional[Callable[[LeafSpec], dict[str, tuple]]] = None
 
 
 @jax.tree_util.register_dataclass

@@ -104,3 +104,28 @@ def check_float(path, spec, key, lo=None):
     raise ValueError(f'{key}={v!r} for {path!r} ({spec.variant}) must be a number'
                      + (f' >= {lo}.' if lo is not None else '.'))
   return float(v)
+
+
+# Layouts (`Variant.layout`): the kernel axis each array axis spans, None for rank axes.
+def axes_a(spec: LeafSpec, stacked: bool = True) -> tuple:
+  """Canonical A: batch + in + (r,)."""
+  return (spec.batch_axes if stacked else ()) + spec.in_axes + (None,)
+
+
+def axes_b(spec: LeafSpec, stacked: bool = True) -> tuple:
+  """Canonical B: batch + (r,) + out."""
+  return (spec.batch_axes if stacked else ()) + (None,) + spec.out_axes
+
+
+def axes_out(spec: LeafSpec) -> tuple:
+  """A per-output-unit vector: batch + out."""
+  return spec.batch_axes + spec.out_axes
+
+
+def axes_batch(spec: LeafSpec, n: int) -> tuple:
+  """batch + n axes that span no kernel axis."""
+  return spec.batch_axes + (None,) * n
+
+
+def lora_layout(spec: LeafSpec) -> dict[str, tuple]:
+  return {'a': axes_a(spec), 'b': axes_b(spec)}

@@ -111,4 +111,5 @@ def dora() -> Variant:
         + math.prod(spec.out_shape))
 
   return Variant('dora', init, delta, factored, num_params, unmerge=unmerge,
-                 merge_cache=merge_cache)
+                 merge_cache=merge_cache,
+                 layout=lambda s: {**common.lora_layout(s), 'magnitude': common.axes_out(s)})

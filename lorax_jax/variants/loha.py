@@ -77,4 +77,6 @@ def loha() -> Variant:
     return 2 * math.prod(spec.batch_shape) * spec.rank * (
         math.prod(spec.in_shape) + math.prod(spec.out_shape))
 
-  return Variant('loha', init, delta, factored, num_params)
+  return Variant('loha', init, delta, factored, num_params,
+                 layout=lambda s: {'a1': common.axes_a(s), 'b1': common.axes_b(s),
+                                   'a2': common.axes_a(s), 'b2': common.axes_b(s)})

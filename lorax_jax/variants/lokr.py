@@ -119,4 +119,5 @@ def lokr() -> Variant:
       raise ValueError(f'rank={spec.rank} for {path!r} (lokr) must be <= {min(q, v)}, the '
                        f'smaller side of its low-rank Kronecker factor ({q} x {v}).')
 
-  return Variant('lokr', init, delta, factored, num_params, check, options={'factor': -1})
+  return Variant('lokr', init, delta, factored, num_params, check, options={'factor': -1},
+                 layout=lambda s: {k: common.axes_batch(s, 2) for k in ('c', 'a', 'b')})

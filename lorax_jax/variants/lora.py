@@ -48,4 +48,5 @@ def lora() -> Variant:
     return math.prod(spec.batch_shape) * spec.rank * (
         math.prod(spec.in_shape) + math.prod(spec.out_shape))
 
-  return Variant('lora', init, delta, factored, num_params)
+  return Variant('lora', init, delta, factored, num_params,
+                 layout=common.lora_layout)

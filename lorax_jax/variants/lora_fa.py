@@ -47,7 +47,8 @@ def lora_fa() -> Variant:
   def num_params(spec: LeafSpec):
     return math.prod(spec.batch_shape) * spec.rank * math.prod(spec.out_shape)
 
-  return Variant('lora_fa', init, delta, factored, num_params)
+  return Variant('lora_fa', init, delta, factored, num_params,
+                 layout=common.lora_layout)
 
 
 def _precondition(g, p: LoraFaParams, delta: float):

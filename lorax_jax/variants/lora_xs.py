@@ -63,4 +63,5 @@ def lora_xs() -> Variant:
   def check(path, spec):
     common.check_float(path, spec, 'core_std', 0.0)
 
-  return Variant('lora_xs', init, delta, factored, num_params, check, options={'core_std': 0.0})
+  return Variant('lora_xs', init, delta, factored, num_params, check, options={'core_std': 0.0},
+                 layout=lambda s: {**common.lora_layout(s), 'core': common.axes_batch(s, 2)})

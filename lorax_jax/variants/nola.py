@@ -77,4 +77,6 @@ def nola() -> Variant:
     common.check_int(path, spec, 'seed', 0)
 
   return Variant('nola', init, delta, factored, num_params, check,
-                 options={'num_basis': 64, 'seed': 0})
+                 options={'num_basis': 64, 'seed': 0},
+                 layout=lambda s: {'alpha': common.axes_batch(s, 1),
+                                   'beta': common.axes_batch(s, 1)})

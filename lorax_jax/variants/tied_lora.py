@@ -84,4 +84,7 @@ def tied_lora() -> Variant:
       shared_params=lambda spec: spec.rank * (
           math.prod(spec.in_shape) + math.prod(spec.out_shape)))
   return Variant('tied_lora', init, delta, factored, num_params, check,
-                 options={'group': ''}, tie=tie)
+                 options={'group': ''}, tie=tie,
+                 layout=lambda s: {'a': common.axes_a(s, stacked=False),
+                                   'b': common.axes_b(s, stacked=False),
+                                   'u': common.axes_out(s), 'v': common.axes_batch(s, 1)})

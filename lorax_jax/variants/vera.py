@@ -73,4 +73,5 @@ def vera() -> Variant:
     common.check_float(path, spec, 'd_initial')
 
   return Variant('vera', init, delta, factored, num_params, check,
-                 options={'seed': 0, 'd_initial': 0.1})
+                 options={'seed': 0, 'd_initial': 0.1},
+                 layout=lambda s: {'d': common.axes_batch(s, 1), 'b': common.axes_out(s)})

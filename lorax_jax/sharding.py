@@ -1,0 +1,397 @@
+"""Sharding over device meshes: a mesh from the config, parameter shardings from rules, and adapter
+(and optimizer-state) shardings derived from the base's.
+
+    mesh = make_mesh({'data': 2, 'fsdp': -1, 'tensor': 2})          # all devices, all processes
+    base_sh = param_shardings(params, mesh, preset('fsdp_tensor'))  # or [(regex, PartitionSpec)]
+    adapter_sh = adapter_shardings(adapters, base_sh)               # A: base in-axes, B: out-axes
+    opt_sh = like_params(opt_state, adapters, adapter_sh)            # Adam moments follow params
+
+A train step is then `jax.jit` with these as `in_shardings` / `out_shardings` (see
+`training.make_train_step(..., shardings=...)`): what `pjit` was. Meshes use `Auto` axis types, so
+the compiler propagates shardings inside the step (JAX's default became `Explicit`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from typing import Any, Mapping, NamedTuple, Sequence
+
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+import numpy as np
+
+from lorax_jax import adapters as adapters_lib
+from lorax_jax import paths
+from lorax_jax import variants
+
+P = PartitionSpec
+MESH_AXES = ('data', 'fsdp', 'tensor')
+BATCH_AXES = ('data', 'fsdp')
+
+
+def make_mesh(shape: Mapping[str, int] | None = None, *, devices: Sequence[Any] | None = None
+              ) -> Mesh:
+  """A mesh with axes `data`, `fsdp`, `tensor` over all devices of all processes.
+
+  Args:
+    shape: axis sizes; missing axes have size 1, except `data`, which defaults to -1. One size
+      may be -1: the rest of the devices. Sizes without -1 that multiply to fewer than the
+      devices use the first ones (e.g. all 1: a single device).
+    devices: defaults to `jax.devices()` (every process's devices).
+
+  Raises:
+    ValueError: for an unknown axis, more than one -1, or sizes that do not multiply to the
+      device count.
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  sizes = {'data': -1, 'fsdp': 1, 'tensor': 1}
+  shape = dict(shape or {})
+  unknown = sorted(set(shape) - set(MESH_AXES))
+  if unknown:
+    raise ValueError(f'Unknown mesh axes {unknown}; allowed: {list(MESH_AXES)}.')
+  if shape and -1 in shape.values():
+    sizes['data'] = 1
+  sizes.update({k: int(v) for k, v in shape.items()})
+  if list(sizes.values()).count(-1) > 1 or any(v == 0 or v < -1 for v in sizes.values()):
+    raise ValueError(f'Mesh sizes {sizes}: each must be >= 1, and at most one may be -1.')
+  known = math.prod(v for v in sizes.values() if v != -1)
+  if -1 not in sizes.values() and known < len(devices):
+    logging.info('Mesh %s uses the first %d of %d devices.', sizes, known, len(devices))
+    devices = devices[:known]
+  for k, v in sizes.items():
+    if v == -1:
+      if len(devices) % known:
+        raise ValueError(f'Mesh sizes {sizes} do not divide the {len(devices)} devices.')
+      sizes[k] = len(devices) // known
+  if math.prod(sizes.values()) != len(devices):
+    raise ValueError(f'Mesh sizes {sizes} multiply to {math.prod(sizes.values())}, but there '
+                     f'are {len(devices)} devices.')
+  dims = tuple(sizes[a] for a in MESH_AXES)
+  try:
+    from jax.experimental import mesh_utils  # pylint: disable=g-import-not-at-top
+    grid = mesh_utils.create_device_mesh(dims, devices)
+  except (ValueError, NotImplementedError, AssertionError):
+    grid = np.array(devices).reshape(dims)
+  axis_type = getattr(jax.sharding, 'AxisType', None)
+  if axis_type is None:
+    return Mesh(grid, MESH_AXES)
+  return Mesh(grid, MESH_AXES, axis_types=(axis_type.Auto,) * len(MESH_AXES))
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameter shardings from rules.
+
+Rule = tuple  # (regex, PartitionSpec | tuple | None | callable(path, shape, mesh) -> spec)
+
+
+def _fsdp_rule(axis: str = 'fsdp', min_size: int = 0):
+  """Shards the largest axis divisible by the mesh's `axis` size (leaves >= min_size)."""
+
+  def rule(path, shape, mesh, spec=None):
+    del path
+    spec = list(spec or ())
+    spec += [None] * (len(shape) - len(spec))
+    n = mesh.shape[axis]
+    if n == 1 or math.prod(shape) < min_size:
+      return P(*spec)
+    free = [d for d in range(len(shape)) if spec[d] is None and shape[d] % n == 0]
+    if free:
+      d = max(free, key=lambda q: (shape[q], -q))
+      spec[d] = axis
+    return P(*spec)
+
+  return rule
+
+
+# Column-parallel (output features split) and row-parallel (input features split) kernels of the
+# reference transformers (Decoder, ViT, GPT-2, BERT).
+_COLUMN = r'(^|/)(query|key|value|gate|up|mlp1|fc|intermediate)/'
+_ROW = r'(^|/)(out|down|mlp2|proj|output)/'
+
+
+def _tensor_rule(axis='tensor'):
+  def rule(path, shape, mesh):
+    del mesh
+    nd = len(shape)
+    if re.search(_COLUMN + r'kernel$', path):
+      # (d, heads, head_dim) or (d, d_ff): split heads / features.
+      return P(*([None, axis] + [None] * (nd - 2)))
+    if re.search(_COLUMN + r'bias$', path):
+      return P(*([axis] + [None] * (nd - 1)))
+    if re.search(_ROW + r'kernel$', path):
+      return P(*([axis] + [None] * (nd - 1)))
+    return P()
+  return rule
+
+
+def preset(name: str, *, min_size: int = 0) -> list[Rule]:
+  """Rules for a named layout.
+
+  `'replicated'`: every leaf on every device. `'fsdp'`: each leaf's largest divisible axis over
+  `fsdp` (leaves under `min_size` elements replicated). `'tensor'`: column-parallel q/k/v and
+  MLP-up kernels, row-parallel attention-output and MLP-down kernels over `tensor` (Megatron
+  style, for the reference transformers).
+  `'fsdp_tensor'`: both (tensor first, then fsdp on the largest remaining axis).
+
+  Raises:
+    ValueError: for an unknown name.
+  """
+  fsdp, tensor = _fsdp_rule(min_size=min_size), _tensor_rule()
+  if name == 'replicated':
+    return [('.*', P())]
+  if name == 'fsdp':
+    return [('.*', fsdp)]
+  if name == 'tensor':
+    return [('.*', tensor)]
+  if name == 'fsdp_tensor':
+    return [('.*', lambda path, shape, mesh: fsdp(path, shape, mesh, tensor(path, shape, mesh)))]
+  raise ValueError(f'Unknown sharding preset {name!r}; allowed: '
+                   "['replicated', 'fsdp', 'tensor', 'fsdp_tensor'].")
+
+
+def _is_boxed(x) -> bool:
+  try:
+    from flax.core import meta  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return False
+  return isinstance(x, meta.AxisMetadata)
+
+
+def _fit(path: str, shape, spec, mesh: Mesh) -> PartitionSpec:
+  """Checks axis names; replaces entries whose dimension is not divisible with None (logged)."""
+  spec = tuple(spec)
+  if len(spec) > len(shape):
+    raise ValueError(f'PartitionSpec {P(*spec)} for {path!r} has {len(spec)} entries, but the '
+                     f'leaf has shape {tuple(shape)}.')
+  out = []
+  for d, entry in enumerate(spec):
+    names = () if entry is None else ((entry,) if isinstance(entry, str) else tuple(entry))
+    bad = [n for n in names if n not in mesh.shape]
+    if bad:
+      raise ValueError(f'PartitionSpec {P(*spec)} for {path!r} names mesh axes {bad}; the mesh '
+                       f'has {list(mesh.shape)}.')
+    n = math.prod(mesh.shape[a] for a in names)
+    if names and shape[d] % n:
+      logging.info('Sharding: replicating axis %d of %r (size %d is not divisible by %s = %d).',
+                   d, path, shape[d], names, n)
+      entry = None
+    out.append(entry)
+  return P(*out)
+
+
+def param_shardings(params: Any, mesh: Mesh, rules: Sequence[Rule] = (),
+                    *, logical_axis_rules: Sequence[tuple[str, Any]] | None = None) -> Any:
+  """A tree like `params` of `NamedSharding`s, from ordered `(regex, spec)` rules.
+
+  The first rule whose regex `re.search`es a leaf's '/'-joined path decides it; a spec is a
+  `PartitionSpec`, a tuple, None (replicated) or a function `(path, shape, mesh) -> spec` (see
+  `preset`). Leaves that carry Flax partitioning metadata (`nn.with_partitioning`,
+  `nn.with_logical_partitioning`; logical names mapped by `logical_axis_rules`) use it unless a
+  rule matches them; other leaves are replicated. A dimension that its mesh axes do not divide is
+  replicated instead, with a logged note.
+
+  Returns:
+    Shardings for the unboxed parameters (`flax.linen.unbox(params)`).
+
+  Raises:
+    ValueError: for a bad regex, a spec naming axes the mesh lacks, or a spec longer than the
+      leaf's rank.
+  """
+  compiled = []
+  for pattern, spec in rules:
+    try:
+      compiled.append((re.compile(pattern), spec))
+    except re.error as e:
+      raise ValueError(f'Sharding rule {pattern!r} is not a valid regex: {e}') from None
+
+  def leaf(kp, x):
+    path = paths.path_str(kp)
+    boxed = _is_boxed(x)
+    value = x.unbox() if boxed else x
+    shape = tuple(np.shape(value))
+    spec = None
+    for rx, s in compiled:
+      if rx.search(path):
+        spec = s(path, shape, mesh) if callable(s) else s
+        spec = P() if spec is None else spec
+        break
+    if spec is None and boxed:
+      spec = _boxed_spec(x, logical_axis_rules)
+    return NamedSharding(mesh, _fit(path, shape, spec or P(), mesh))
+
+  return jax.tree_util.tree_map_with_path(leaf, params, is_leaf=_is_boxed)
+
+
+def _boxed_spec(x, logical_axis_rules):
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  names = tuple(x.names)
+  if isinstance(x, nn.LogicallyPartitioned):
+    rules = logical_axis_rules if logical_axis_rules is not None else tuple(
+        getattr(x, 'rules', None) or ())
+    return nn.logical_to_mesh_axes(names, rules)
+  return P(*names)
+
+
+# ---------------------------------------------------------------------------------------------
+# Derived shardings.
+
+
+def adapter_shardings(adapters: Any, base_shardings: Any) -> Any:
+  """Shardings for an adapter tree, derived from the base's by a pure function.
+
+  Every array of an adapter state follows the base axes it spans (`Variant.layout`): LoRA's A
+  keeps the base's in-axis (and stacked-axis) partitioning and B its out-axis partitioning, the
+  rank axis replicated; DoRA magnitudes and VeRA/Tied-LoRA vectors follow the out-axes; arrays
+  that span no base axis (LoKr's Kronecker factors, NOLA coefficients, LoRA-XS cores) are
+  replicated over the non-stacked axes. Fully trained leaves take the base's sharding.
+  """
+  flat_base = {p: s for p, s in paths.flat(
+      base_shardings, is_leaf=lambda x: isinstance(x, NamedSharding)).items()}
+
+  def visit(kp, state):
+    if not adapters_lib.is_adapter(state):
+      raise ValueError(f'Not an adapter state at {paths.path_str(kp)!r}: {type(state)}.')
+    path = paths.path_str(kp)
+    if path not in flat_base:
+      raise ValueError(f'Adapter at {path!r} has no base sharding; base paths: '
+                       f'{sorted(flat_base)[:10]}.')
+    base = flat_base[path]
+    mesh = base.mesh
+    if isinstance(state, variants.FullParams):
+      return variants.FullParams(base, state.spec)
+    spec = tuple(base.spec) + (None,) * (len(state.spec.shape) - len(base.spec))
+    variant = variants.get(state.spec.variant)
+    if variant.layout is None:
+      raise ValueError(f'Variant {variant.name!r} declares no `layout`: its adapter shardings '
+                       'cannot be derived.')
+    layout = variant.layout(state.spec)
+    fields = {}
+    for name in variants.base.field_labels(state):
+      value = getattr(state, name)
+      if value is None:
+        fields[name] = None
+        continue
+      axes = layout[name]
+      if len(axes) != np.ndim(value):
+        raise ValueError(f'{state.spec.variant!r} layout of field {name!r} at {path!r} has '
+                         f'{len(axes)} axes; the array has shape {np.shape(value)}.')
+      fields[name] = NamedSharding(mesh, P(*(None if d is None else spec[d] for d in axes)))
+    return type(state)(**fields, **{f: getattr(state, f) for f in _static_fields(state)})
+
+  return jax.tree_util.tree_map_with_path(visit, adapters, is_leaf=adapters_lib.is_adapter)
+
+
+def _static_fields(state) -> list[str]:
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  return [f.name for f in dataclasses.fields(state) if f.metadata.get('static')]
+
+
+def like_params(tree: Any, params: Any, param_shardings_tree: Any, *, mesh: Mesh | None = None
+                ) -> Any:
+  """Shardings for a tree that holds copies of `params` (optimizer state: Adam's moments).
+
+  A leaf whose key path ends with a parameter's key path and has its shape takes that
+  parameter's sharding; every other leaf (step counts, scalars) is replicated.
+  """
+  flat_p = jax.tree_util.tree_flatten_with_path(params)[0]
+  flat_s = jax.tree_util.tree_leaves(param_shardings_tree,
+                                     is_leaf=lambda x: isinstance(x, NamedSharding))
+  if len(flat_p) != len(flat_s):
+    raise ValueError('param_shardings_tree does not match params.')
+  by_path = {tuple(kp): (np.shape(x), s) for (kp, x), s in zip(flat_p, flat_s)}
+  mesh = mesh or (flat_s[0].mesh if flat_s else None)
+  replicated = NamedSharding(mesh, P())
+  longest = max((len(k) for k in by_path), default=0)
+
+  def leaf(kp, x):
+    kp = tuple(kp)
+    for n in range(min(len(kp), longest), 0, -1):
+      hit = by_path.get(kp[-n:])
+      if hit is not None and tuple(hit[0]) == tuple(np.shape(x)):
+        return hit[1]
+    return replicated
+
+  return jax.tree_util.tree_map_with_path(leaf, tree)
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
+  """Leading (batch) axis split over `data` and `fsdp`; the rest replicated."""
+  return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def global_batch(local: Any, mesh: Mesh) -> Any:
+  """A global batch from each process's local rows (`jax.make_array_from_process_local_data`).
+
+  Raises:
+    ValueError: if a leaf's global batch size is not divisible by the data-parallel size.
+  """
+  n = mesh.shape['data'] * mesh.shape['fsdp']
+
+  def leaf(x):
+    x = np.asarray(x)
+    rows = x.shape[0] * jax.process_count()
+    if rows % n:
+      raise ValueError(f'Global batch of {rows} rows is not divisible by data x fsdp = {n}.')
+    return jax.make_array_from_process_local_data(batch_sharding(mesh, x.ndim), x,
+                                                  (rows,) + x.shape[1:])
+
+  return jax.tree_util.tree_map(leaf, local)
+
+
+def process_rows(batch: Any) -> Any:
+  """This process's contiguous share of a global (host-replicated) batch's rows."""
+  i, n = jax.process_index(), jax.process_count()
+
+  def leaf(x):
+    x = np.asarray(x)
+    if x.shape[0] % n:
+      raise ValueError(f'Batch of {x.shape[0]} rows does not split over {n} processes.')
+    k = x.shape[0] // n
+    return x[i * k:(i + 1) * k]
+
+  return jax.tree_util.tree_map(leaf, batch)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def place(tree: Any, shardings: Any) -> Any:
+  """`tree`'s arrays on `shardings` (works across processes: every process passes the same
+  host values)."""
+  def put(x, s):
+    if x is None:
+      return None
+    x = np.asarray(x) if not isinstance(x, jax.Array) or not x.is_fully_addressable else x
+    if jax.process_count() == 1:
+      return jax.device_put(x, s)
+    return jax.make_array_from_callback(np.shape(x), s, lambda idx: np.asarray(x)[idx])
+
+  return jax.tree_util.tree_map(put, tree, shardings)
+
+
+class TrainShardings(NamedTuple):
+  """Shardings of a train step's arguments: base, adapters, optimizer state and batch."""
+  params: Any
+  adapters: Any
+  opt_state: Any
+  batch: Any
+  mesh: Mesh
+
+
+def per_device_bytes(tree: Any, shardings: Any) -> int:
+  """Bytes one device holds of `tree` placed with `shardings` (the largest shard per leaf)."""
+  total = 0
+  leaves = jax.tree_util.tree_leaves(tree)
+  shs = jax.tree_util.tree_leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
+  for x, s in zip(leaves, shs):
+    shard = s.shard_shape(np.shape(x))
+    total += int(np.prod(shard)) * np.dtype(x.dtype).itemsize
+  return total
+
+
+__all__ = ['MESH_AXES', 'TrainShardings', 'adapter_shardings', 'batch_sharding', 'global_batch',
+           'like_params', 'make_mesh', 'param_shardings', 'per_device_bytes', 'place', 'preset',
+           'process_rows', 'replicated']
