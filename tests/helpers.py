@@ -60,6 +60,23 @@ def assert_factored_and_merged_match_float64(fn, params, adapters, args, dtype):
   assert rel_err(merged_out, ref) < TOL[dtype]
 
 
+def mean_square_loss(fn):
+  """A train-step loss `(joined, batch, rng) -> mean(lora(fn)(joined, *batch)^2)`."""
+  apply = lj.lora(fn)
+
+  def loss_fn(joined, batch, rng):
+    del rng
+    return jnp.mean(jnp.square(apply(joined, *batch).astype(jnp.float32)))
+
+  return loss_fn
+
+
+def assert_trees_equal(tree, ref):
+  """Bitwise equality of two trees' leaves (e.g. a base that training must not touch)."""
+  for a, b in zip(jax.tree_util.tree_leaves(tree), jax.tree_util.tree_leaves(ref)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def rel_err(out, ref):
   out = np.asarray(jnp.asarray(out, jnp.float32), np.float64)
   return float(np.max(np.abs(out - ref)) / max(np.max(np.abs(ref)), 1e-30))

@@ -213,11 +213,7 @@ def test_gradients_only_for_adapters_and_base_unchanged(name):
   case, params, args, adapters = _setup(name, jnp.float32)
   adapters = helpers.randomize(adapters, jax.random.key(5), scale=0.1)
   base_copy = jax.tree_util.tree_map(np.array, params)
-  apply = lj.lora(case.fn)
-
-  def loss_fn(joined, batch, rng):
-    return jnp.mean(jnp.square(apply(joined, *batch).astype(jnp.float32)))
-
+  loss_fn = helpers.mean_square_loss(case.fn)
   grads = jax.grad(lambda a: loss_fn(lj.join(params, a), args, None))(adapters)
   assert jax.tree_util.tree_structure(grads) == jax.tree_util.tree_structure(adapters)
   assert all(np.any(np.asarray(g) != 0) for g in jax.tree_util.tree_leaves(grads))
@@ -229,5 +225,4 @@ def test_gradients_only_for_adapters_and_base_unchanged(name):
     adapters, opt_state, _ = step(params, adapters, opt_state, args)
   assert any(np.any(np.asarray(a) != b) for a, b in zip(
       jax.tree_util.tree_leaves(adapters), jax.tree_util.tree_leaves(before)))
-  for w, w0 in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(base_copy)):
-    np.testing.assert_array_equal(np.asarray(w), w0)
+  helpers.assert_trees_equal(params, base_copy)

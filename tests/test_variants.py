@@ -146,11 +146,7 @@ def test_gradients_where_the_method_says(variant, name):
   case, params, args, adapters = _setup(variant, name, jnp.float32)
   adapters = helpers.randomize(adapters, jax.random.key(5), scale=0.1)
   base_copy = jax.tree_util.tree_map(np.array, params)
-  apply = lj.lora(case.fn)
-
-  def loss_fn(joined, batch, rng):
-    return jnp.mean(jnp.square(apply(joined, *batch).astype(jnp.float32)))
-
+  loss_fn = helpers.mean_square_loss(case.fn)
   grads = jax.grad(lambda a: loss_fn(lj.join(params, a), args, None))(adapters)
   assert jax.tree_util.tree_structure(grads) == jax.tree_util.tree_structure(adapters)
   for path, g in _adapter_states(grads).items():
@@ -175,8 +171,7 @@ def test_gradients_where_the_method_says(variant, name):
         np.testing.assert_array_equal(np.asarray(new), old)  # no update, no weight decay
       elif new is not None:
         assert np.any(np.asarray(new) != old), (path, field)
-  for w, w0 in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(base_copy)):
-    np.testing.assert_array_equal(np.asarray(w), w0)
+  helpers.assert_trees_equal(params, base_copy)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -32,6 +32,12 @@ def median_time(fn, args, repeats):
   return float(np.median(times))
 
 
+def total_bytes(r: dict[str, int]) -> int:
+  """Arguments + outputs + temporaries - aliased (donated) bytes of a compiled step."""
+  return (r['argument_size_in_bytes'] + r['output_size_in_bytes'] + r['temp_size_in_bytes']
+          - r['alias_size_in_bytes'])
+
+
 def finish(header: str, report: str, failed: list[str]) -> None:
   """Prints a benchmark's header, table and failed claims; exits non-zero if any failed."""
   print(header)

@@ -93,8 +93,7 @@ def measure(d_model=256, layers=4, rank=8, batch=8, seq=128, repeats=10):
 
 def report(results) -> str:
   full = results['full']
-  total = lambda r: (r['argument_size_in_bytes'] + r['output_size_in_bytes'] +
-                     r['temp_size_in_bytes'] - r['alias_size_in_bytes'])
+  total = common.total_bytes
   lines = [f'{"method":<8}{"GFLOPs":>10}{"x full":>9}{"temp MiB":>11}{"x full":>9}'
            f'{"args MiB":>11}{"total MiB":>11}{"x full":>9}{"step ms":>10}{"x full":>9}']
   for name in ('full', 'lora', 'merge'):

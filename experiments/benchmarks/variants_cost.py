@@ -86,8 +86,7 @@ def measure(d_model=256, layers=4, rank=8, batch=8, seq=128, repeats=5, only=Non
 
 def report(results) -> str:
   ref = results['lora']
-  total = lambda r: (r['argument_size_in_bytes'] + r['output_size_in_bytes'] +
-                     r['temp_size_in_bytes'] - r['alias_size_in_bytes'])
+  total = common.total_bytes
   lines = [f'{"variant":<16}{"params":>10}{"x lora":>8}{"GFLOPs":>9}{"x lora":>8}'
            f'{"temp MiB":>10}{"x lora":>8}{"total MiB":>11}{"x lora":>8}{"step ms":>9}'
            f'{"x lora":>8}  factored']
