@@ -72,33 +72,35 @@ def init(key: jax.Array, params: Any, spec: dict[str, Any]) -> tuple[Any, dict[s
     adapters[keys] = adapter
     if w is not leaf:
       changed[path] = w
-  owners = {}
+  owners = set()
   for keys, adapter in adapters.items():  # tied variants: the first leaf of a group owns it
-    tie = None if isinstance(adapter, variants.FullParams) else variants.get(
-        adapter.spec.variant).tie
+    tie = _tie(adapter)
     if tie is not None:
-      group = (adapter.spec.variant, tie.key(adapter.spec))
-      if group in owners:
+      if _group(adapter) in owners:
         adapters[keys] = tie.strip(adapter)
       else:
-        owners[group] = keys
+        owners.add(_group(adapter))
   if changed:
     params = jax.tree_util.tree_map_with_path(
         lambda kp, x: changed.get(paths.path_str(kp), x), params)
   return params, paths.nest(adapters)
 
 
-def _flat_adapters(adapters: Any, resolve: bool = True) -> dict[str, Any]:
+def _flat_adapters(adapters: Any) -> dict[str, Any]:
   if not adapters:
     return {}
-  flat = paths.flat(adapters, is_leaf=is_adapter)
-  return _resolve_ties(flat) if resolve else flat
+  return _resolve_ties(paths.flat(adapters, is_leaf=is_adapter))
 
 
 def _tie(adapter):
+  """The variant's `Tie` for adapter states of tied variants, else None."""
   if not is_adapter(adapter) or isinstance(adapter, variants.FullParams):
     return None
   return variants.get(adapter.spec.variant).tie
+
+
+def _group(adapter):
+  return adapter.spec.variant, _tie(adapter).key(adapter.spec)
 
 
 def _resolve_ties(flat: dict[str, Any]) -> dict[str, Any]:
@@ -107,13 +109,13 @@ def _resolve_ties(flat: dict[str, Any]) -> dict[str, Any]:
   for path, adapter in flat.items():
     tie = _tie(adapter)
     if tie is not None and tie.is_owner(adapter):
-      owners[(adapter.spec.variant, tie.key(adapter.spec))] = adapter
+      owners[_group(adapter)] = adapter
   out = dict(flat)
   for path, adapter in flat.items():
     tie = _tie(adapter)
     if tie is None or tie.is_owner(adapter):
       continue
-    group = (adapter.spec.variant, tie.key(adapter.spec))
+    group = _group(adapter)
     if group not in owners:
       raise ValueError(f'{adapter.spec.variant!r} adapter at {path!r} shares its arrays with '
                        f'group {group[1]!r}, whose owning leaf is not in the adapter tree.')

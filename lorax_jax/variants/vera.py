@@ -54,11 +54,10 @@ def vera() -> Variant:
   def factored(w, p: VeraParams):
     del w
     s = p.spec
-    nb, ni, no = len(s.batch_shape), len(s.in_shape), len(s.out_shape)
+    nb, ni = len(s.batch_shape), len(s.in_shape)
     a_sh, b_sh = projections(s, p.d.dtype)
     a = a_sh.reshape((1,) * nb + a_sh.shape) * p.d.reshape(s.batch_shape + (1,) * ni + (-1,))
     b = b_sh.reshape((1,) * nb + b_sh.shape) * jnp.expand_dims(p.b, nb)
-    del no
     return Factored(a, b, 1.0)
 
   def delta(w, p: VeraParams):
