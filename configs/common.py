@@ -40,18 +40,34 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(out)
 
 
-def adapter(rank: int, variant: str = 'lora') -> ml_collections.ConfigDict:
-  """The adapter settings of the configs: alpha = 2 * rank, alpha/r scaling, and `options`: the
+def adapter(rank: int, variant: str = 'lora', init: str = 'kaiming') -> ml_collections.ConfigDict:
+  """The adapter settings of the configs: alpha = 2 * rank, alpha/r scaling, `options`: the
   variant's own settings with their defaults (e.g. LoKr's `factor`), so that they can be set
-  with `--config.adapter.options.factor=4`.
+  with `--config.adapter.options.factor=4`, the `init` (`'pissa'`, `'eva'`, ...) with its
+  `init_options` prefilled the same way, and `calibration_batches` for calibrated inits.
 
   Raises:
-    ValueError: for an unknown variant (naming the registered ones).
+    ValueError: for an unknown variant or init (naming the allowed ones).
   """
-  from lorax_jax import variants  # pylint: disable=g-import-not-at-top
+  from lorax_jax import spec, variants  # pylint: disable=g-import-not-at-top
+  base_init = 'pissa' if init.startswith('pissa_niter_') else init
+  if base_init not in spec.INITS:
+    raise ValueError(f'Unknown init {init!r}; allowed: {list(spec.INITS)}.')
   return ml_collections.ConfigDict(dict(
       variant=variant, rank=rank, alpha=2.0 * rank, scaling='alpha/r', dropout=0.0,
-      options=ml_collections.ConfigDict(dict(variants.get(variant).options))))
+      options=ml_collections.ConfigDict(dict(variants.get(variant).options)),
+      init=init, init_options=ml_collections.ConfigDict(
+          dict(spec.INIT_OPTIONS.get(base_init, {}))), calibration_batches=8))
+
+
+def quant(qtype: str = '') -> ml_collections.ConfigDict:
+  """The frozen base's quantization (`lorax_jax.quant`): `type` '' (float), 'nf4' (QLoRA),
+  'int4' or 'int8'; blockwise types take `block_size` and `double_quant`. With `init=loftq`
+  the LoftQ init quantizes the base in this format."""
+  if qtype not in ('', 'nf4', 'int4', 'int8'):
+    raise ValueError(f"Unknown quant {qtype!r}; allowed: ['', 'nf4', 'int4', 'int8'].")
+  return ml_collections.ConfigDict(dict(type=qtype, block_size=64,
+                                        double_quant=qtype == 'nf4'))
 
 
 def parallel() -> tuple[ml_collections.ConfigDict, ml_collections.ConfigDict]:

@@ -15,7 +15,8 @@ from configs import common
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  a = common.parse_arg(arg, quick=False, method='lora', rank=8, variant='lora')
+  a = common.parse_arg(arg, quick=False, method='lora', rank=8, variant='lora',
+                       init='kaiming', quant='')
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.task = 'docstrings'
@@ -26,7 +27,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       batch_size=16 if a.quick else 32))
   c.base = ml_collections.ConfigDict(dict(steps=0, learning_rate=0.0, dir=''))
   c.method = a.method
-  c.adapter = common.adapter(a.rank, a.variant)
+  c.adapter = common.adapter(a.rank, a.variant, a.init)
+  c.quant = common.quant(a.quant)
   c.mesh, c.sharding = common.parallel()
   c.train = ml_collections.ConfigDict(dict(
       steps=20 if a.quick else 300, learning_rate=2e-3 if a.method != 'full' else 1e-4,

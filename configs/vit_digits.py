@@ -3,7 +3,9 @@
     python -m experiments.train --config configs/vit_digits.py:quick --workdir /tmp/run
 
 Arguments (comma-separated): `quick` (CPU/test sizes), `model=vit|cnn|resnet`,
-`method=lora|full|head` (LoRA, full fine-tuning, or head-only baselines), `rank=N`.
+`method=lora|full|head` (LoRA, full fine-tuning, or head-only baselines), `rank=N`,
+`variant=NAME`, `init=kaiming|pissa|pissa_niter_K|milora|olora|loftq|lora_ga|eva|corda`,
+`quant=nf4|int4|int8` (a quantized frozen base: QLoRA with nf4).
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from configs import common
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  a = common.parse_arg(arg, quick=False, model='vit', method='lora', rank=8, variant='lora')
+  a = common.parse_arg(arg, quick=False, model='vit', method='lora', rank=8, variant='lora',
+                       init='kaiming', quant='')
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.task = 'digits'
@@ -26,7 +29,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.base = ml_collections.ConfigDict(dict(
       steps=150 if a.quick else 600, learning_rate=1e-3, dir=''))
   c.method = a.method
-  c.adapter = common.adapter(a.rank, a.variant)
+  c.adapter = common.adapter(a.rank, a.variant, a.init)
+  c.quant = common.quant(a.quant)
   c.mesh, c.sharding = common.parallel()
   c.train = ml_collections.ConfigDict(dict(
       steps=100 if a.quick else 600, learning_rate=3e-3 if a.method != 'full' else 1e-3,

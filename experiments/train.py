@@ -9,12 +9,16 @@ With no flags it runs the default config (a tiny ViT pretrained on digits 0-4, L
   1. the base: pretrained once on the config's pretraining classes and cached under the base
      directory (`config.base.dir`, else $LORAX_JAX_CACHE, else ~/.cache/lorax_jax/bases), keyed by
      everything that determines it, so later runs and sweeps reuse it;
-  2. selection and adapters from the config (`method`: 'lora', or the 'full' and 'head' baselines);
+  2. selection and adapters from the config (`method`: 'lora', or the 'full' and 'head' baselines;
+     `adapter.init`: a weight-aware init, calibrated on the first training batches; `quant`: the
+     adapted kernels' frozen base quantized after the init, e.g. NF4 for QLoRA / QPiSSA);
   3. optax training (warmup + cosine) of the adapters only, evaluated periodically;
   4. orbax checkpoints of adapters, optimizer state and step (data order and dropout keys are
      functions of the step), so a killed run resumes where its last checkpoint left it and ends
      with the same numbers; a NaN/inf loss stops the run with an error naming the step;
-  5. metrics as JSON lines and TensorBoard events in the workdir, `results.json` at the end.
+  5. metrics as JSON lines and TensorBoard events in the workdir, `results.json` at the end (the
+     `base_*` metrics are the model at step 0: the base, or the residual base with its initial
+     adapters, which equals it; with `quant`, the quantized model).
 
 Placement: a device mesh from `config.mesh` (`data`, `fsdp`, `tensor`; -1 = the rest) over every
 device of every process; the frozen base sharded by `config.sharding` (a preset or rules), the
@@ -165,9 +169,23 @@ def _rules(config):
   if config.method == 'head':
     return [(r'(^|/)head/', 'full')]
   a = config.adapter
+  init_options = a.init_options.to_dict() if a.get('init_options') else {}
+  if a.get('init') == 'loftq' and _quant_setting(config):
+    init_options['quant'] = _quant_setting(config)
   return [(r'(^|/)head/', 'full')] + lj.dense_kernels(
       variant=a.variant, rank=a.rank, alpha=a.alpha, scaling=a.scaling, dropout=a.dropout,
+      init=a.get('init', 'kaiming'), init_options=init_options,
       **(a.options.to_dict() if a.get('options') else {}))
+
+
+def _quant_setting(config) -> dict[str, Any] | None:
+  """The base's quantization setting from `config.quant` (None: a float base)."""
+  q = config.get('quant')
+  if not q or not q.get('type'):
+    return None
+  if q.type == 'int8':
+    return {'type': 'int8'}
+  return {'type': q.type, 'block_size': q.block_size, 'double_quant': q.double_quant}
 
 
 def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
@@ -187,9 +205,20 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   params, base_path, pretrained_now = obtain_base(config, task)
 
   spec = lj.make_spec(params, _rules(config), fn=model.apply, args=task.example)
-  params, adapters = lj.init(jax.random.fold_in(jax.random.key(config.seed), 1), params, spec)
+  def calibration_loss(p, batch):
+    inputs, targets = batch
+    return task.loss(model.apply(p, *inputs), targets)
+
+  params, adapters = lj.init(
+      jax.random.fold_in(jax.random.key(config.seed), 1), params, spec, fn=calibration_loss,
+      batches=(task.train_batch(i) for i in range(10**9)),
+      num_batches=config.adapter.get('calibration_batches', 8) if config.get('adapter') else 8)
+  quant = _quant_setting(config)
+  if quant and config.method == 'lora' and config.adapter.get('init') != 'loftq':
+    # QLoRA: the adapted kernels' base (a residual after PiSSA-like inits: QPiSSA) quantized.
+    params = lj.quantize(params, spec, **quant)
   n_trainable = lj.count_params(adapters)
-  n_total = sum(int(np.prod(np.shape(l))) for l in jax.tree_util.tree_leaves(params))
+  n_total = sum(int(np.prod(np.shape(l))) for _, _, l in lj.paths.leaves_with_paths(params))
 
   # Placement: the frozen base by the config's rules, adapters and optimizer state derived.
   mesh = sharding_lib.make_mesh(config.get('mesh') or {})
@@ -222,8 +251,6 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
                        out_shardings=replicated)
   metric = jax.jit(lambda p, a, inputs, targets: task.metric(
       apply(lj.join(p, a), *inputs), targets), out_shardings=replicated)
-  base_metric = jax.jit(lambda p, inputs, targets: task.metric(model.apply(p, *inputs), targets),
-                        out_shardings=replicated)
   eval_sets = {k: sharding_lib.place(v, jax.tree_util.tree_map(lambda _: replicated, v))
                for k, v in task.eval_sets.items()}
   first = next(iter(eval_sets))
@@ -247,6 +274,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     ckpts.close()
     raise ValueError(f'The checkpoint in {ckpts.directory} was written by another config or '
                      f'base ({meta}); expected {metadata}. Use a new workdir.')
+  # The model at step 0 (the base, or the residual base plus the initial adapters of a
+  # weight-aware init, which equals it; a quantized base as quantized).
+  start_metrics = evaluate(params, adapters)
   restored = ckpts.restore_latest(state)
   if restored is not None:
     start, state, _ = restored
@@ -288,7 +318,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
 
   results = dict(
       task=config.task, method=config.method, model=config.model.name, metric=first,
-      **{f'base_{k}': _host(base_metric(params, *v)) for k, v in eval_sets.items()},
+      **{f'base_{k}': v for k, v in start_metrics.items()},
       **evaluate(params, adapters),
       trainable_params=n_trainable, total_params=n_total,
       trainable_fraction=n_trainable / n_total, steps=t.steps, resumed_from=start,

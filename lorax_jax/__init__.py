@@ -4,11 +4,15 @@
     params, adapters = init(key, params, spec)      # create
     y = lora(apply)(join(params, adapters), x)      # run, factored
     merged = merge(params, adapters)                # export
+
+    qparams = quantize(params, spec)                # QLoRA: an NF4 base, dequantized on use
 """
 
-from lorax_jax import adapters, paths, variants  # noqa: F401  (modules: lj.paths, ...)
+from lorax_jax import adapters, calibration, inits, paths, quant, variants  # noqa: F401
+from lorax_jax.inits import to_lora
 from lorax_jax.adapters import Adapted, count_params, init, join, merge, split, unmerge
 from lorax_jax.interpreter import MaterializeError, MaterializeWarning, lora
+from lorax_jax.quant import QuantizedArray, dequantize, quantize
 from lorax_jax.spec import LeafSpec, Rule, dense_kernels, make_spec, summary
 from lorax_jax.training import labels, make_train_step, optimizer
 from lorax_jax.usage import infer_axes
@@ -32,12 +36,14 @@ __all__ = [
     'MaterializeError',
     'MaterializeWarning',
     'NolaParams',
+    'QuantizedArray',
     'Rule',
     'TiedLoraParams',
     'Variant',
     'VeraParams',
     'count_params',
     'dense_kernels',
+    'dequantize',
     'infer_axes',
     'init',
     'join',
@@ -47,8 +53,10 @@ __all__ = [
     'make_train_step',
     'merge',
     'optimizer',
+    'quantize',
     'register',
     'split',
     'summary',
+    'to_lora',
     'unmerge',
 ]

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lorax_jax import paths
+from lorax_jax import quant as quant_lib
 from lorax_jax import spec as spec_lib
 from lorax_jax import variants
 
@@ -42,35 +43,68 @@ def _leaf_key(key: jax.Array, path: str) -> jax.Array:
   return jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
 
 
-def init(key: jax.Array, params: Any, spec: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+def init(key: jax.Array, params: Any, spec: dict[str, Any], *, fn: Any = None,
+         batches: Any = None, num_batches: int = 8) -> tuple[Any, dict[str, Any]]:
   """Creates the adapter tree for `spec`.
 
   Args:
     key: a PRNG key; each leaf's init uses `fold_in(key, crc32(path))`.
-    params: the base parameters (linen dict or NNX State).
+    params: the base parameters (linen dict or NNX State); leaves may be quantized
+      (`lorax_jax.quant`).
     spec: from `make_spec(params, ...)`.
+    fn: for the calibrated inits (`'lora_ga'`, `'eva'`, `'corda'`, see
+      `lorax_jax.calibration`): the loss `(params, batch) -> scalar` (or `(loss, aux)`).
+    batches: their calibration batches (an iterable).
+    num_batches: how many batches each calibrated init uses (EVA may stop earlier).
 
   Returns:
-    `(params, adapters)`: `params` is returned untouched unless a weight-aware variant replaces
-    a base leaf; `adapters` is a nested dict holding only the adapted and fully trained leaves.
+    `(params, adapters)`: `params` is returned untouched unless a weight-aware init replaces a
+    base leaf (the residual W - s*A@B, or LoftQ's quantized base); `adapters` is a nested dict
+    holding only the adapted and fully trained leaves (EVA may give a leaf rank 0: it then has
+    no adapter). For a quantized residual (QPiSSA), `quantize` the returned params.
 
   Raises:
-    ValueError: if the spec does not fit `params`.
+    ValueError: if the spec does not fit `params`, a calibrated init lacks `fn` or `batches`,
+      the batches run dry, or a residual init meets an already quantized leaf.
   """
   spec_lib.validate_against(params, spec)
   specs = spec_lib.spec_leaves(spec)
   adapters = {}
   changed = {}
+  calibrated = {p: s for p, s in specs.items() if s.init in _CALIBRATED}
+  for path, _, leaf in paths.leaves_with_paths(params):
+    s = specs.get(path)
+    if quant_lib.is_quantized(leaf) and s is not None and s.init in _RESIDUAL:
+      raise ValueError(
+          f'init {s.init!r} for {path!r} replaces the base by a residual, but the leaf is '
+          'already quantized: its rounding would be compounded. Initialize on the float base, '
+          'then quantize the residual (QPiSSA: quantize(params, spec) after init).')
+  if calibrated:
+    from lorax_jax import calibration  # pylint: disable=g-import-not-at-top
+    done = calibration.run(key, params, calibrated, fn, batches, num_batches)
   for path, keys, leaf in paths.leaves_with_paths(params):
     s = specs.get(path)
     if s is None:
       continue
-    if s.variant == spec_lib.FULL:
-      adapters[keys] = variants.FullParams(jnp.array(leaf, copy=True), s)
+    quantized = quant_lib.is_quantized(leaf)
+    if path in calibrated:
+      got = done[path]
+      if got is None:
+        continue
+      w, a, b, s = got
+      adapters[keys] = variants.LoraParams(a, b, s)
+      if w is not leaf:
+        changed[path] = w
       continue
-    w, adapter = variants.get(s.variant).init(_leaf_key(key, path), jnp.asarray(leaf), s)
+    if s.variant == spec_lib.FULL:
+      value = quant_lib.dequantize_array(leaf) if quantized else jnp.array(leaf, copy=True)
+      adapters[keys] = variants.FullParams(value, s)
+      continue
+    w_in = leaf if quantized and s.init == 'loftq' else (
+        quant_lib.dequantize_array(leaf) if quantized else jnp.asarray(leaf))
+    w, adapter = variants.get(s.variant).init(_leaf_key(key, path), w_in, s)
     adapters[keys] = adapter
-    if w is not leaf:
+    if w is not w_in:
       changed[path] = w
   owners = set()
   for keys, adapter in adapters.items():  # tied variants: the first leaf of a group owns it
@@ -82,8 +116,13 @@ def init(key: jax.Array, params: Any, spec: dict[str, Any]) -> tuple[Any, dict[s
         owners.add(_group(adapter))
   if changed:
     params = jax.tree_util.tree_map_with_path(
-        lambda kp, x: changed.get(paths.path_str(kp), x), params)
+        lambda kp, x: changed.get(paths.path_str(kp), x), params, is_leaf=quant_lib.is_quantized)
   return params, paths.nest(adapters)
+
+
+# Inits that replace the base by a residual, and those that need calibration data.
+_RESIDUAL = ('pissa', 'milora', 'olora', 'lora_ga', 'corda')
+_CALIBRATED = ('lora_ga', 'eva', 'corda')
 
 
 def _flat_adapters(adapters: Any) -> dict[str, Any]:
@@ -141,7 +180,7 @@ def _map_adapted(fn, params, adapters):
     used.add(path)
     return fn(path, w, adapter)
 
-  out = jax.tree_util.tree_map_with_path(visit, params)
+  out = jax.tree_util.tree_map_with_path(visit, params, is_leaf=quant_lib.is_quantized)
   missing = sorted(set(flat) - used)
   if missing:
     raise ValueError(f'Adapters for paths that are not in params: {missing[:10]}.')
@@ -196,11 +235,16 @@ def count_params(adapters: Any) -> int:
                  if l != variants.base.FROZEN))
 
 
-def merged_leaf(w: jax.Array, adapter: Any, sign: int = 1) -> jax.Array:
+def merged_leaf(w: jax.Array, adapter: Any, sign: int = 1, requantize: bool = False) -> Any:
   """W + sign * dW for one leaf, computed in the promoted dtype of W and the adapter.
 
-  Fully trained leaves give their trained value on merge and keep `w` on unmerge.
+  Fully trained leaves give their trained value on merge and keep `w` on unmerge. A quantized
+  base is dequantized first; the result is a float leaf, or with `requantize` quantized again
+  in the base's format (which adds one rounding of the merged weight).
   """
+  if quant_lib.is_quantized(w):
+    out = merged_leaf(quant_lib.dequantize_array(w), adapter, sign)
+    return quant_lib.requantize_like(out, w) if requantize else out
   if isinstance(adapter, variants.FullParams):
     return adapter.value if sign > 0 else w
   cd = jnp.promote_types(w.dtype, jax.tree_util.tree_leaves(adapter)[0].dtype)
@@ -208,15 +252,15 @@ def merged_leaf(w: jax.Array, adapter: Any, sign: int = 1) -> jax.Array:
   return (w.astype(cd) + sign * dw.astype(cd)).astype(w.dtype)
 
 
-def _merge(params, adapters, return_cache=False):
+def _merge(params, adapters, return_cache=False, requantize=False):
   cache = {}
 
   def leaf(path, w, adapter):
     variant = None if isinstance(adapter, variants.FullParams) else variants.get(
         adapter.spec.variant)
     if return_cache and variant is not None and variant.merge_cache is not None:
-      cache[path] = variant.merge_cache(w, adapter)
-    return merged_leaf(w, adapter)
+      cache[path] = variant.merge_cache(quant_lib.dequantize(w), adapter)
+    return merged_leaf(w, adapter, requantize=requantize)
 
   merged = _map_adapted(leaf, params, adapters)
   return (merged, cache) if return_cache else merged
@@ -227,20 +271,22 @@ def _unmerge(merged, adapters, cache=None):
     variant = None if isinstance(adapter, variants.FullParams) else variants.get(
         adapter.spec.variant)
     if variant is not None and variant.unmerge is not None:
-      return variant.unmerge(w, adapter, (cache or {}).get(path))
-    return merged_leaf(w, adapter, -1)
+      out = variant.unmerge(quant_lib.dequantize(w), adapter, (cache or {}).get(path))
+      return quant_lib.requantize_like(out, w) if quant_lib.is_quantized(w) else out
+    return merged_leaf(w, adapter, -1, requantize=True)
 
   return _map_adapted(leaf, merged, adapters)
 
 
-_merge_jit = jax.jit(_merge, static_argnames='return_cache')
-_merge_jit_donate = jax.jit(_merge, static_argnames='return_cache', donate_argnums=0)
+_STATIC = ('return_cache', 'requantize')
+_merge_jit = jax.jit(_merge, static_argnames=_STATIC)
+_merge_jit_donate = jax.jit(_merge, static_argnames=_STATIC, donate_argnums=0)
 _unmerge_jit = jax.jit(_unmerge)
 _unmerge_jit_donate = jax.jit(_unmerge, donate_argnums=0)
 
 
 def merge(params: Any, adapters: dict[str, Any], *, donate: bool = False,
-          return_cache: bool = False) -> Any:
+          return_cache: bool = False, requantize: bool = False) -> Any:
   """W + dW for every adapted leaf (fully trained leaves take their trained value). Jitted.
 
   Args:
@@ -249,13 +295,19 @@ def merge(params: Any, adapters: dict[str, Any], *, donate: bool = False,
     donate: donate `params`' buffers to the result (the base is consumed).
     return_cache: also return `{path: array}` of what `unmerge` needs for variants whose merge
       cannot be undone from the adapters alone (DoRA's column norms of W + s*A@B).
+    requantize: for a quantized base (`lorax_jax.quant`): quantize the merged leaf again in the
+      base's format. Otherwise the merged leaf is a float array in the base's original dtype:
+      dequant(Q) + dW exactly. Requantizing adds one more rounding, of the size of the base's own
+      quantization error (NF4: about 10% relative to the weights; int8 about 0.4%), so adapter
+      updates smaller than a quantization step are partly lost (PEFT warns the same for 4-bit).
 
   Returns:
     A parameter tree like `params` for the plain, un-transformed model; with `return_cache`,
     `(merged, cache)`.
   """
   return (_merge_jit_donate if donate else _merge_jit)(params, adapters,
-                                                       return_cache=return_cache)
+                                                       return_cache=return_cache,
+                                                       requantize=requantize)
 
 
 def unmerge(merged: Any, adapters: dict[str, Any], *, cache: dict[str, Any] | None = None,
@@ -269,6 +321,7 @@ def unmerge(merged: Any, adapters: dict[str, Any], *, cache: dict[str, Any] | No
     donate: donate `merged`'s buffers to the result.
 
   Fully trained leaves keep their merged (trained) value: the original is not recoverable.
+  Quantized leaves (from `merge(..., requantize=True)`) come back quantized in their format.
 
   Raises:
     ValueError: for a DoRA leaf without its cache entry.

@@ -12,6 +12,8 @@ from typing import Any, Callable, Iterator
 
 import jax
 
+from lorax_jax.quant import is_quantized
+
 
 def key_name(key: Any) -> str:
   """Returns the path component of one `jax.tree_util` key entry."""
@@ -41,8 +43,12 @@ def path_str(keypath: tuple[Any, ...]) -> str:
 
 def leaves_with_paths(tree: Any, is_leaf: Callable[[Any], bool] | None = None
                       ) -> Iterator[tuple[str, tuple[str, ...], Any]]:
-  """Yields `(path, keys, leaf)` for every leaf of `tree`, in tree order."""
-  for keypath, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]:
+  """Yields `(path, keys, leaf)` for every leaf of `tree`, in tree order.
+
+  A `QuantizedArray` (a quantized base leaf) is one leaf.
+  """
+  leaf_fn = is_quantized if is_leaf is None else (lambda x: is_quantized(x) or is_leaf(x))
+  for keypath, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=leaf_fn)[0]:
     keys = path_keys(keypath)
     yield '/'.join(keys), keys, leaf
 

@@ -24,6 +24,7 @@ import numpy as np
 
 from lorax_jax import adapters as adapters_lib
 from lorax_jax import paths
+from lorax_jax import quant
 from lorax_jax import variants
 
 P = PartitionSpec
@@ -190,7 +191,9 @@ def param_shardings(params: Any, mesh: Mesh, rules: Sequence[Rule] = (),
   `preset`). Leaves that carry Flax partitioning metadata (`nn.with_partitioning`,
   `nn.with_logical_partitioning`; logical names mapped by `logical_axis_rules`) use it unless a
   rule matches them; other leaves are replicated. A dimension that its mesh axes do not divide is
-  replicated instead, with a logged note.
+  replicated instead, with a logged note. A quantized leaf (`lorax_jax.quant.QuantizedArray`)
+  gets a `QuantizedArray` of shardings: the rules see its logical path and shape, and each
+  stored array follows the leaf axes it spans (`quant.layout`): codes shard like the float leaf.
 
   Returns:
     Shardings for the unboxed parameters (`flax.linen.unbox(params)`).
@@ -219,9 +222,43 @@ def param_shardings(params: Any, mesh: Mesh, rules: Sequence[Rule] = (),
         break
     if spec is None and boxed:
       spec = _boxed_spec(x, logical_axis_rules)
-    return NamedSharding(mesh, _fit(path, shape, spec or P(), mesh))
+    spec = _fit(path, shape, spec or P(), mesh)
+    if quant.is_quantized(value):
+      return _quantized_shardings(path, value, spec, mesh)
+    return NamedSharding(mesh, spec)
 
-  return jax.tree_util.tree_map_with_path(leaf, params, is_leaf=_is_boxed)
+  return jax.tree_util.tree_map_with_path(
+      leaf, params, is_leaf=lambda x: _is_boxed(x) or quant.is_quantized(x))
+
+
+def _quantized_shardings(path: str, q, spec: PartitionSpec, mesh: Mesh):
+  """A `QuantizedArray` of shardings: each stored array takes the mesh axes of the leaf axes it
+  spans (`quant.layout`), where they divide it."""
+  spec = tuple(spec) + (None,) * (q.ndim - len(spec))
+
+  def names(d):
+    e = spec[d]
+    return () if e is None else ((e,) if isinstance(e, str) else tuple(e))
+
+  fields = {}
+  for field, axes in quant.layout(q).items():
+    arr = getattr(q, field)
+    entries = []
+    for size, leaf_axes in zip(np.shape(arr), axes):
+      ns = tuple(n for d in leaf_axes for n in names(d))
+      ok = ns and size % math.prod(mesh.shape[n] for n in ns) == 0
+      entries.append((ns[0] if len(ns) == 1 else ns) if ok else None)
+    fields[field] = NamedSharding(mesh, P(*entries))
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  return dataclasses.replace(q, **{f: fields.get(f) for f in ('codes', 'scales', 'dq_scales',
+                                                               'dq_offset')})
+
+
+def _logical_sharding(s):
+  """The sharding a quantized leaf's float value would have (from its codes' sharding)."""
+  if quant.is_quantized(s):
+    return s.codes
+  return s
 
 
 def _boxed_spec(x, logical_axis_rules):
@@ -247,8 +284,9 @@ def adapter_shardings(adapters: Any, base_shardings: Any) -> Any:
   that span no base axis (LoKr's Kronecker factors, NOLA coefficients, LoRA-XS cores) are
   replicated over the non-stacked axes. Fully trained leaves take the base's sharding.
   """
-  flat_base = {p: s for p, s in paths.flat(
-      base_shardings, is_leaf=lambda x: isinstance(x, NamedSharding)).items()}
+  flat_base = {p: _logical_sharding(s) for p, s in paths.flat(
+      base_shardings, is_leaf=lambda x: isinstance(x, NamedSharding) or quant.is_quantized(x)
+  ).items()}
 
   def visit(kp, state):
     if not adapters_lib.is_adapter(state):

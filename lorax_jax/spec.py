@@ -21,8 +21,18 @@ from lorax_jax import paths
 from lorax_jax import usage as usage_lib
 
 SCALINGS = ('alpha/r', 'rslora', 'constant')
-INITS = ('kaiming', 'gaussian')
-SETTING_KEYS = ('variant', 'rank', 'alpha', 'scaling', 'dropout', 'init', 'dtype',
+INITS = ('kaiming', 'gaussian', 'pissa', 'milora', 'olora', 'loftq', 'lora_ga', 'eva', 'corda')
+# Weight-aware inits and their options (defaults); see `lorax_jax.inits`.
+INIT_OPTIONS = {
+    'pissa': {'niter': None, 'oversample': 10},
+    'milora': {},
+    'olora': {},
+    'loftq': {'quant': 'nf4', 'iters': 1},
+    'lora_ga': {'direction': 'ArB2r', 'scale': 'stable', 'stable_gamma': 16.0},
+    'eva': {'rho': 2.0, 'tau': 0.99, 'adjust_scaling': True},
+    'corda': {'mode': 'ipm', 'damping': 0.01},
+}
+SETTING_KEYS = ('variant', 'rank', 'alpha', 'scaling', 'dropout', 'init', 'init_options', 'dtype',
                 'in_axes', 'out_axes', 'batch_axes')
 FULL = 'full'
 
@@ -37,7 +47,11 @@ class LeafSpec:
     alpha: scaling numerator; see `scaling`.
     scaling: `'alpha/r'` (LoRA), `'rslora'` (alpha / sqrt(r)) or `'constant'` (scale = alpha).
     dropout: LoRA dropout rate on the adapter branch's input (active only with a `lora_rng`).
-    init: initialization of A, `'kaiming'` (uniform, as torch's Linear) or `'gaussian'`.
+    init: initialization: `'kaiming'` (A uniform, as torch's Linear) or `'gaussian'` with B = 0,
+      or a weight-aware init of `lorax_jax.inits` (`'pissa'` (or PEFT's `'pissa_niter_K'`),
+      `'milora'`, `'olora'`, `'loftq'`, and the calibrated `'lora_ga'`, `'eva'`, `'corda'`).
+    init_options: the init's settings (`INIT_OPTIONS`), as sorted `(key, value)` pairs with
+      defaults filled in; read them with `init_opt(key)`.
     dtype: adapter dtype name, or None for the base leaf's dtype.
     shape: the base leaf's shape.
     batch_axes: stacked (scanned / vmapped) axes of the kernel; adapters are stacked over them.
@@ -62,6 +76,14 @@ class LeafSpec:
   options: tuple[tuple[str, Any], ...] = ()
   path: str = ''
   rule: str = ''
+  init_options: tuple[tuple[str, Any], ...] = ()
+
+  def init_opt(self, key: str) -> Any:
+    """The value of init option `key`."""
+    for k, v in self.init_options:
+      if k == key:
+        return v
+    raise KeyError(f'{self.init!r} init for {self.path!r} has no option {key!r}.')
 
   def opt(self, key: str) -> Any:
     """The value of variant option `key`."""
@@ -176,6 +198,44 @@ def _resolve_axes(path, shape, setting, inferred):
   return tuple(sorted(batch_axes)), tuple(sorted(in_axes)), tuple(sorted(out_axes))
 
 
+def _hashable(value):
+  if isinstance(value, dict):
+    return tuple(sorted((k, _hashable(v)) for k, v in value.items()))
+  if isinstance(value, list):
+    return tuple(_hashable(v) for v in value)
+  return value
+
+
+def _init_setting(path, variant, init, options):
+  """Validated `(init, init_options)`; PEFT's `'pissa_niter_K'` is `'pissa'` with niter K."""
+  options = dict(options or {})
+  if not isinstance(init, str):
+    raise ValueError(f'init={init!r} for {path!r} must be one of {list(INITS)}.')
+  m = re.fullmatch(r'pissa_niter_(\d+)', init)
+  if m:
+    init, options = 'pissa', {**options, 'niter': int(m.group(1))}
+  if init not in INITS:
+    raise ValueError(f'Unknown init {init!r} for {path!r}; allowed: {list(INITS)} (and '
+                     "'pissa_niter_K').")
+  allowed = INIT_OPTIONS.get(init, {})
+  unknown = sorted(set(options) - set(allowed))
+  if unknown:
+    raise ValueError(f'Unknown init_options {unknown} for init {init!r} at {path!r}; allowed: '
+                     f'{sorted(allowed)}.')
+  if init in INIT_OPTIONS and variant != 'lora':
+    raise ValueError(f'init {init!r} for {path!r} sets both A and B (and the base) from data; '
+                     f"it applies to variant 'lora', not {variant!r}.")
+  out = []
+  for key in sorted(allowed):
+    value = _hashable(options.get(key, allowed[key]))
+    try:
+      hash(value)
+    except TypeError:
+      raise ValueError(f'init_options {key}={value!r} for {path!r} must be hashable.') from None
+    out.append((key, value))
+  return init, tuple(out)
+
+
 def _variant_options() -> set[str]:
   from lorax_jax import variants  # pylint: disable=g-import-not-at-top
   return {k for name in variants.names() for k in variants.get(name).options}
@@ -189,7 +249,8 @@ def _leaf_spec(path, leaf, setting, defaults, inferred, rule='') -> LeafSpec | N
     setting = {'variant': setting}
   if isinstance(setting, LeafSpec):
     setting = {**{f.name: getattr(setting, f.name) for f in dataclasses.fields(setting)
-                  if f.name not in ('shape', 'options', 'path', 'rule')},
+                  if f.name not in ('shape', 'options', 'path', 'rule', 'init_options')},
+               'init_options': dict(setting.init_options),
                **dict(setting.options)}
   if not isinstance(setting, dict):
     raise ValueError(f'Setting for {path!r} must be None, "full", a dict or a LeafSpec; '
@@ -217,9 +278,8 @@ def _leaf_spec(path, leaf, setting, defaults, inferred, rule='') -> LeafSpec | N
   scaling = merged.get('scaling', 'alpha/r')
   if scaling not in SCALINGS:
     raise ValueError(f'Unknown scaling {scaling!r} for {path!r}; allowed: {list(SCALINGS)}.')
-  init = merged.get('init', 'kaiming')
-  if init not in INITS:
-    raise ValueError(f'Unknown init {init!r} for {path!r}; allowed: {list(INITS)}.')
+  init, init_options = _init_setting(path, variant, merged.get('init', 'kaiming'),
+                                     merged.get('init_options'))
   dropout = float(merged.get('dropout', 0.0))
   if not 0.0 <= dropout < 1.0:
     raise ValueError(f'dropout={dropout} for {path!r} must be in [0, 1).')
@@ -253,8 +313,11 @@ def _leaf_spec(path, leaf, setting, defaults, inferred, rule='') -> LeafSpec | N
   spec = LeafSpec(variant=variant, rank=int(rank), alpha=alpha, scaling=scaling, dropout=dropout,
                   init=init, dtype=adapter_dtype, shape=shape, batch_axes=batch_axes,
                   in_axes=in_axes, out_axes=out_axes, options=tuple(options), path=path,
-                  rule=rule)
+                  rule=rule, init_options=init_options)
   variants.get(variant).check(path, spec)
+  if init in INIT_OPTIONS:
+    from lorax_jax import inits  # pylint: disable=g-import-not-at-top
+    inits.check(path, spec)
   return spec
 
 

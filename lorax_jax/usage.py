@@ -17,6 +17,7 @@ import numpy as np
 
 from lorax_jax import layout
 from lorax_jax import paths
+from lorax_jax.quant import is_quantized
 
 
 def _is_array(x) -> bool:
@@ -31,18 +32,22 @@ def trace(fn: Callable, args: tuple, kwargs: dict, is_leaf=None, replace=None):
     args, kwargs: its arguments.
     is_leaf: passed to `tree_flatten_with_path`.
     replace: optional `(keypath, leaf) -> (trace_input, value)`; a leaf it maps to non-None is an
-      input traced as `trace_input` and later evaluated as `value`.
+      input traced as `trace_input` and later evaluated as `value`. `QuantizedArray` leaves are
+      leaves, traced as their float shape and dtype.
 
   Returns:
     `(closed_jaxpr, input_values, input_keypaths, out_treedef)`.
   """
-  leaves, treedef = jax.tree_util.tree_flatten_with_path((args, kwargs), is_leaf=is_leaf)
+  leaf_fn = is_quantized if is_leaf is None else (lambda x: is_quantized(x) or is_leaf(x))
+  leaves, treedef = jax.tree_util.tree_flatten_with_path((args, kwargs), is_leaf=leaf_fn)
   leaves_only = [l for _, l in leaves]
   pos, ins, vals, kps = [], [], [], []
   for i, (kp, leaf) in enumerate(leaves):
     got = replace(kp, leaf) if replace is not None else None
     if got is not None:
       t, v = got
+    elif is_quantized(leaf):   # a quantized base leaf is traced as the float array it stands for
+      t, v = jax.ShapeDtypeStruct(leaf.shape, leaf.dtype), leaf
     elif _is_array(leaf):
       t, v = leaf, leaf
     else:

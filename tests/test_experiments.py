@@ -70,3 +70,19 @@ def test_sharding_cost_benchmark_reports_every_layout():
     assert name in rows, proc.stdout
   assert float(rows['fsdp8'][2]) <= 0.125 * 1.05          # base bytes per device x data8
   assert 'all-gather' in ' '.join(rows['fsdp8'])           # FSDP gathers the base
+
+
+def test_quant_init_benchmark_passes_its_claims():
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  proc = subprocess.run(
+      [sys.executable, '-m', 'experiments.benchmarks.quant_init', '--size', '1024',
+       '--min_speedup', '1', '--loftq_iters', '3', '--d_model', '64', '--layers', '1',
+       '--batch', '2', '--seq', '32', '--repeats', '1'],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  rows = {l.split()[0]: l.split() for l in proc.stdout.splitlines() if l.split()}
+  assert float(rows['nf4+dq'][1]) <= 4.13 and float(rows['int8'][1]) <= 8.1
+  assert abs(float(rows['nf4+dq'][4]) - 1) <= 0.1          # MSE x the paper's NF4
+  assert 'iters=3' in rows and 'lower' in rows['iters=3']
+  assert float(rows['nf4'][2]) < float(rows['int4'][2])     # NF4 beats int4 on Gaussians
+  assert float(rows['nf4-base'][2]) < 0.3                  # kernel bytes x bf16

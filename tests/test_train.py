@@ -129,6 +129,19 @@ def test_variants_train_checkpoint_and_resume(tmp_path, variant):
   assert r2['resumed_from'] == 3 and r2['accuracy'] == r1['accuracy']
 
 
+# QLoRA (an NF4 base), QPiSSA (PiSSA's residual quantized), LoftQ and the calibrated inits: the
+# base is rebuilt the same way on resume, so the restored adapters continue exactly.
+@pytest.mark.parametrize('arg', ['quant=nf4', 'init=pissa_niter_4,quant=nf4', 'init=loftq',
+                                 'init=lora_ga', 'init=eva,quant=int8'])
+def test_inits_and_quantized_bases_train_and_resume(tmp_path, arg):
+  c = _config(tmp_path, f'quick,rank=4,{arg}')
+  c.adapter.calibration_batches = 2
+  r1 = train.train_and_evaluate(c, str(tmp_path / 'a'))
+  assert r1['steps'] == 3 and 0 < r1['trainable_fraction'] < 0.5
+  r2 = train.train_and_evaluate(c, str(tmp_path / 'a'))
+  assert r2['resumed_from'] == 3 and r2['accuracy'] == r1['accuracy']
+
+
 def test_rerun_of_a_finished_run_resumes_at_the_end(tmp_path):
   c = _config(tmp_path)
   r1 = train.train_and_evaluate(c, str(tmp_path / 'a'))
@@ -161,8 +174,10 @@ def test_bad_config_values(tmp_path, arg, message):
 
 
 @pytest.mark.parametrize('arg,message', [
-    ('quick,rnak=3', "Unknown config argument 'rnak'; allowed: ['method', 'model', 'quick', "
-                     "'rank', 'variant']"),
+    ('quick,rnak=3', "Unknown config argument 'rnak'; allowed: ['init', 'method', 'model', "
+                     "'quant', 'quick', 'rank', 'variant']"),
+    ('quant=fp3', "Unknown quant 'fp3'; allowed: ['', 'nf4', 'int4', 'int8']"),
+    ('init=svd', "Unknown init 'svd'; allowed: ['kaiming',"),
     ('variant=dorra', "Unknown variant 'dorra'; allowed: ['dora',"),
     ('rank=three', "Config argument rank='three' is not a int"),
     ('model', "Config argument 'model' needs a value"),

@@ -2,6 +2,8 @@
 
 dW = s * A @ B with A (d_in, r) from a Kaiming-uniform (torch `Linear` default, bound
 1/sqrt(d_in)) or Gaussian N(0, 1/r^2) init, and B = 0, so the first forward equals the base.
+The weight-aware inits of `lorax_jax.inits` (PiSSA, MiLoRA, OLoRA, LoftQ) set both and return
+the residual (or quantized) base instead.
 """
 
 from __future__ import annotations
@@ -35,6 +37,13 @@ def lora() -> Variant:
   """
 
   def init(key, w, spec: LeafSpec):
+    if spec.init in common.WEIGHT_AWARE:
+      from lorax_jax import inits  # pylint: disable=g-import-not-at-top
+      if spec.init not in inits.WEIGHT:
+        raise ValueError(f'init {spec.init!r} for {spec.path!r} needs calibration data: pass '
+                         'fn= and batches= to lorax_jax.init.')
+      w, a, b = inits.weight_init(key, w, spec)
+      return w, LoraParams(a, b, spec)
     return w, LoraParams(*common.lora_pair(key, w, spec), spec)
 
   def factored(w, p: LoraParams):
