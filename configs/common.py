@@ -77,3 +77,68 @@ def parallel() -> tuple[ml_collections.ConfigDict, ml_collections.ConfigDict]:
   mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   sharding = ml_collections.ConfigDict(dict(preset='fsdp', rules=()))
   return mesh, sharding
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any]
+                    ) -> ml_collections.ConfigDict:
+  """Sets dotted keys (`'adapter.scaling'`) as `--config.adapter.scaling=...` would.
+
+  Raises:
+    ValueError: for a key that is not in the config, naming the allowed keys at that level.
+  """
+  for key, value in overrides.items():
+    node, parts = config, key.split('.')
+    for i, part in enumerate(parts):
+      if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+        allowed = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+        where = '.'.join(parts[:i]) or 'the config'
+        raise ValueError(f'Unknown override key {key!r}: {where} has no field {part!r}; '
+                         f'allowed: {allowed}.')
+      if i == len(parts) - 1:
+        node[part] = value
+      else:
+        node = node[part]
+  return config
+
+
+SCALINGS = {'alpha/r': 'ar', 'rslora': 'rs'}
+
+
+def standard_sweep(add, *, quick: bool, variants, ranks, inits=(), quick_variants=(),
+                   quick_ranks=(), quant: dict[str, Any] | None = None,
+                   max_rank: dict[str, int] | None = None) -> None:
+  """The grid every config sweeps: full fine-tuning and head-only baselines; every variant x
+  rank x scaling mode (alpha/r, rsLoRA) with plain LoRA's single learning rate; LoRA+ (lambda
+  16) per rank; each weight-aware init per rank; QLoRA (an NF4 base) per rank.
+
+  `quick` keeps the baselines and `quick_variants` x `quick_ranks` with alpha/r: a sweep that
+  runs in minutes on a laptop CPU (each trial with the config's `quick` settings).
+
+  `add(name, arg, **overrides)` declares one trial: its config is `get_config(arg)` with dotted
+  `overrides` applied. `max_rank` caps the ranks of a variant or init whose rank is bounded by
+  more than the layer's size (LoKr by its Kronecker factor, LoRA-GA's 2r directions).
+  """
+  cap = lambda name: [r for r in ranks if r <= (max_rank or {}).get(name, r)]
+  add('full', 'method=full')
+  add('head', 'method=head')
+  plain = {'train.loraplus_ratio': 1.0}
+  if quick:
+    for v in quick_variants:
+      for r in quick_ranks:
+        add(f'{v}_r{r}', f'variant={v},rank={r}', **plain)
+    return
+  for v in variants:
+    for r in cap(v):
+      for scaling, tag in SCALINGS.items():
+        add(f'{v}_r{r}_{tag}', f'variant={v},rank={r}', **plain, **{'adapter.scaling': scaling})
+  for r in ranks:
+    add(f'lora+_r{r}', f'rank={r}', **{'train.loraplus_ratio': 16.0})
+    q = {f'quant.{k}': v for k, v in (quant or {}).items()}
+    for init in inits:   # LoftQ quantizes the base itself, in the config's format
+      if r not in cap(init):
+        continue
+      if init == 'loftq':
+        add(f'{init}_r{r}', f'init={init},quant=nf4,rank={r}', **plain, **q)
+      else:
+        add(f'{init}_r{r}', f'init={init},rank={r}', **plain)
+    add(f'qlora_r{r}', f'quant=nf4,rank={r}', **plain, **q)

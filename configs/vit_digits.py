@@ -38,3 +38,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       eval_every=50 if a.quick else 200, checkpoint_every=25 if a.quick else 100,
       max_to_keep=2, log_every=10))
   return c
+
+
+def sweep(add, arg: str | None = None) -> None:
+  """Variant x rank (1..64) x scaling, LoRA+, weight-aware inits, QLoRA and the baselines on
+  the ViT (`quick`: 4 variants x 3 ranks, quick trials)."""
+  a = common.parse_arg(arg, quick=False)
+  from lorax_jax import variants  # pylint: disable=g-import-not-at-top
+  common.standard_sweep(
+      add, quick=a.quick, variants=variants.names(), ranks=(1, 2, 4, 8, 16, 32, 64),
+      inits=('pissa', 'milora', 'olora', 'loftq', 'lora_ga', 'eva', 'corda'),
+      max_rank={'lokr': 8, 'lora_ga': 32},
+      quick_variants=('lora', 'dora', 'vera', 'loha'), quick_ranks=(2, 4, 8))

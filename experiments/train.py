@@ -103,6 +103,15 @@ def _math_config(config) -> dict[str, Any]:
   return d
 
 
+def _memory(compiled) -> dict[str, int]:
+  """XLA's compiled memory of the train step, bytes per device."""
+  m = compiled.memory_analysis()
+  get = lambda f: int(getattr(m, f, 0) or 0)
+  return dict(step_temp_bytes=get('temp_size_in_bytes'),
+              step_memory_bytes=get('argument_size_in_bytes') + get('output_size_in_bytes') +
+              get('temp_size_in_bytes') - get('alias_size_in_bytes'))
+
+
 def _sharding_rules(config):
   s = config.get('sharding')
   if not s:
@@ -287,11 +296,15 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   progress = metrics_lib.Progress(t.steps, start, enabled=jax.process_index() == 0)
   adapters, opt_state = state['adapters'], state['opt_state']
   step_times = []
+  compiled = None
   for step in range(start, t.steps):
     t0 = time.time()
     batch = sharding_lib.global_batch(sharding_lib.process_rows(task.train_batch(step)), mesh)
-    adapters, opt_state, loss = step_fn(params, adapters, opt_state, batch,
-                                        jax.random.fold_in(key, step))
+    rng = jax.random.fold_in(key, step)
+    if compiled is None:   # compiled once; XLA's memory figures go to results.json
+      compiled = step_fn.lower(params, adapters, opt_state, batch, rng).compile()
+      step_memory = _memory(compiled)
+    adapters, opt_state, loss = compiled(params, adapters, opt_state, batch, rng)
     loss = _host(loss)
     step_times.append(time.time() - t0)
     if not np.isfinite(loss):
@@ -324,6 +337,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
       trainable_fraction=n_trainable / n_total, steps=t.steps, resumed_from=start,
       base_pretrained_now=pretrained_now,
       step_seconds=float(np.median(step_times)) if step_times else None,
+      **(step_memory if compiled is not None else {}),
       seconds=time.time() - t_start)
   writer.write(t.steps, {f'final_{first}': results[first]})
   writer.close()

@@ -131,8 +131,8 @@ def test_variants_train_checkpoint_and_resume(tmp_path, variant):
 
 # QLoRA (an NF4 base), QPiSSA (PiSSA's residual quantized), LoftQ and the calibrated inits: the
 # base is rebuilt the same way on resume, so the restored adapters continue exactly.
-@pytest.mark.parametrize('arg', ['quant=nf4', 'init=pissa_niter_4,quant=nf4', 'init=loftq',
-                                 'init=lora_ga', 'init=eva,quant=int8'])
+@pytest.mark.parametrize('arg', ['init=pissa_niter_4,quant=nf4', 'init=loftq',
+                                 'init=eva,quant=int8'])
 def test_inits_and_quantized_bases_train_and_resume(tmp_path, arg):
   c = _config(tmp_path, f'quick,rank=4,{arg}')
   c.adapter.calibration_batches = 2

@@ -1,0 +1,339 @@
+"""Run a config's sweep: every trial in its own process and workdir, N at a time, resumable.
+
+    python -m experiments.sweep --config configs/vit_digits.py:quick --workdir /tmp/sweep
+    python -m experiments.sweep --config configs/vit_digits.py --workdir DIR --print_commands
+
+The config file's `sweep(add, arg)` declares the trials: `add(name, arg, **overrides)` is one
+`experiments.train` run of `get_config(f'{sweep_arg},{arg}')` with dotted overrides
+(`{'adapter.scaling': 'rslora'}`), in `DIR/trials/<name>`, sharing the pretrained base in
+`DIR/bases` (unless the config names a base directory). Every trial config is built and checked
+before anything runs: an unknown argument or override key, or two trials with one name, is an
+error.
+
+- `--workers N` runs N trials at a time (default 1); a progress line shows done / running /
+  failed. A trial that fails is recorded (exit code and the end of its log in
+  `DIR/trials/<name>/error.txt`) and the sweep goes on.
+- Rerunning skips finished trials (their `results.json` exists) and resumes interrupted ones
+  from their checkpoints.
+- `--print_commands` writes one shell command per trial instead of running them, for any
+  scheduler (the workers of a TPU pod slice, a SLURM array, a job queue); then
+  `--gather_only` collects what they wrote.
+- At the end (and with `--gather_only`) the results gather into `DIR/results.csv` and
+  `DIR/results.md`: variant, rank, alpha, scaling, init, quantization, trainable parameters and
+  fraction, final metrics, step time and compiled memory, and the plots of
+  `python -m experiments.report DIR` are drawn.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import importlib.util
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from typing import Any
+
+from absl import app
+from absl import flags
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_NAME = re.compile(r'^[A-Za-z0-9][A-Za-z0-9_.+=-]*$')
+
+
+@dataclasses.dataclass(frozen=True)
+class Trial:
+  name: str
+  arg: str                      # the full config argument: the sweep's, then the trial's
+  overrides: tuple[tuple[str, Any], ...]
+
+
+def resolve(path: str) -> str:
+  """A config file path as given, or relative to the repository root."""
+  if not os.path.isfile(path) and os.path.isfile(os.path.join(ROOT, path)):
+    return os.path.join(ROOT, path)
+  if not os.path.isfile(path):
+    raise ValueError(f'Config file {path!r} does not exist.')
+  return os.path.abspath(path)
+
+
+def load_module(path: str):
+  """The config module at `path` (a file, e.g. configs/vit_digits.py)."""
+  path = resolve(path)
+  if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+  spec = importlib.util.spec_from_file_location(
+      'sweep_config_' + re.sub(r'\W', '_', os.path.basename(path)[:-3]), path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def _join(*args: str | None) -> str:
+  return ','.join(a for a in args if a)
+
+
+def trials(config_path: str, arg: str | None = None,
+           extra: dict[str, Any] | None = None) -> list[Trial]:
+  """The trials `sweep(add, arg)` of the config at `config_path` declares, each checked.
+
+  `extra` overrides (dotted keys) are added to every trial; a trial's own override of the same
+  key wins.
+
+  Raises:
+    ValueError: a config without `sweep`, a trial name used twice or not a plain file name, or a
+      trial whose argument or override key the config does not have.
+  """
+  from configs import common  # pylint: disable=g-import-not-at-top
+  module = load_module(config_path)
+  if not hasattr(module, 'sweep'):
+    raise ValueError(f'{config_path} has no sweep(add, arg) function.')
+  out: dict[str, Trial] = {}
+
+  def add(name: str, trial_arg: str = '', **overrides):
+    if not isinstance(name, str) or not _NAME.match(name):
+      raise ValueError(f'Trial name {name!r} must be letters, digits and _.+=- (a directory).')
+    if name in out:
+      raise ValueError(f'Two trials are named {name!r}: {out[name]} and '
+                       f'{Trial(name, _join(arg, trial_arg), tuple(overrides.items()))}; '
+                       'trial names must be unique (they name the workdirs).')
+    full = _join(arg, trial_arg)
+    config = module.get_config(full)
+    overrides = {**(extra or {}), **overrides}
+    common.apply_overrides(config, overrides)
+    out[name] = Trial(name, full, tuple(sorted(overrides.items())))
+
+  module.sweep(add, arg)
+  if not out:
+    raise ValueError(f'The sweep of {config_path}:{arg or ""} declares no trials.')
+  return list(out.values())
+
+
+def _value(v: Any) -> str:
+  if isinstance(v, (tuple, list)):
+    return '(' + ','.join(_value(x) for x in v) + (',)' if len(v) == 1 else ')')
+  return str(v)
+
+
+def command(config_path: str, trial: Trial, workdir: str, base_dir: str | None) -> list[str]:
+  """The `experiments.train` command line of one trial."""
+  config_path = os.path.relpath(resolve(config_path), ROOT)   # the command runs in ROOT
+  cmd = [sys.executable, '-m', 'experiments.train', '--config',
+         f'{config_path}:{trial.arg}' if trial.arg else config_path,
+         '--workdir', os.path.join(workdir, 'trials', trial.name)]
+  if base_dir:
+    cmd.append(f'--config.base.dir={base_dir}')
+  cmd += [f'--config.{k}={_value(v)}' for k, v in trial.overrides]
+  return cmd
+
+
+def _finished(workdir: str, trial: Trial) -> bool:
+  return os.path.exists(os.path.join(workdir, 'trials', trial.name, 'results.json'))
+
+
+def _tail(path: str, lines: int = 20) -> str:
+  try:
+    with open(path, errors='replace') as f:
+      return ''.join(f.readlines()[-lines:])
+  except OSError:
+    return ''
+
+
+def run(config_path: str, arg: str | None, workdir: str, workers: int = 1,
+        only: str | None = None, extra: dict[str, Any] | None = None,
+        out=sys.stderr) -> dict[str, str]:
+  """Runs the sweep's unfinished trials, `workers` at a time; returns `{name: status}`
+  (`'done'`, `'skipped'` (finished earlier) or `'failed'`)."""
+  if workers < 1:
+    raise ValueError(f'--workers={workers} must be >= 1.')
+  todo = trials(config_path, arg, extra)
+  if only:
+    todo = [t for t in todo if re.search(only, t.name)]
+  base_dir = _base_dir(config_path, arg, workdir)
+  status = {t.name: 'skipped' for t in todo if _finished(workdir, t)}
+  queue = [t for t in todo if t.name not in status]
+  running: dict[str, tuple[subprocess.Popen, Any]] = {}
+  env = dict(os.environ)
+  env['PYTHONPATH'] = ROOT + os.pathsep + env.get('PYTHONPATH', '')
+  total = len(todo)
+
+  def show():
+    done = sum(s in ('done', 'skipped') for s in status.values())
+    failed = sum(s == 'failed' for s in status.values())
+    print(f'[sweep] {done}/{total} done ({sum(s == "skipped" for s in status.values())} '
+          f'skipped), {len(running)} running, {failed} failed, {len(queue)} queued',
+          file=out, flush=True)
+
+  changed = True
+  while queue or running:
+    while queue and len(running) < workers:
+      t = queue.pop(0)
+      tdir = os.path.join(workdir, 'trials', t.name)
+      os.makedirs(tdir, exist_ok=True)
+      err = os.path.join(tdir, 'error.txt')
+      if os.path.exists(err):
+        os.remove(err)
+      log = open(os.path.join(tdir, 'log.txt'), 'a')
+      running[t.name] = (subprocess.Popen(command(config_path, t, workdir, base_dir), cwd=ROOT,
+                                          env=env, stdout=log, stderr=subprocess.STDOUT), log)
+    if changed:
+      show()
+      changed = False
+    time.sleep(0.2)
+    for name, (proc, log) in list(running.items()):
+      if proc.poll() is None:
+        continue
+      log.close()
+      del running[name]
+      tdir = os.path.join(workdir, 'trials', name)
+      if proc.returncode == 0 and os.path.exists(os.path.join(tdir, 'results.json')):
+        status[name] = 'done'
+      else:
+        status[name] = 'failed'
+        with open(os.path.join(tdir, 'error.txt'), 'w') as f:
+          f.write(f'exit code {proc.returncode}\n{_tail(os.path.join(tdir, "log.txt"))}')
+      changed = True
+  show()
+  return status
+
+
+def _base_dir(config_path, arg, workdir):
+  module = load_module(config_path)
+  if module.get_config(arg).get('base', {}).get('dir'):
+    return None
+  return os.path.join(workdir, 'bases')
+
+
+COLUMNS = ('name', 'status', 'method', 'variant', 'rank', 'alpha', 'scaling', 'init', 'quant',
+           'loraplus_ratio', 'trainable_params', 'trainable_fraction', 'metric', 'final',
+           'base', 'step_ms', 'step_memory_mib')
+
+
+def gather(config_path: str, arg: str | None, workdir: str,
+           extra: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+  """One row per trial from its config and `results.json` (also failed and pending ones);
+  written to `DIR/results.csv` and `DIR/results.md`."""
+  rows = []
+  for t in trials(config_path, arg, extra):
+    tdir = os.path.join(workdir, 'trials', t.name)
+    cfg_path, res_path = os.path.join(tdir, 'config.json'), os.path.join(tdir, 'results.json')
+    status = 'done' if os.path.exists(res_path) else (
+        'failed' if os.path.exists(os.path.join(tdir, 'error.txt')) else 'pending')
+    row = {'name': t.name, 'status': status}
+    if os.path.exists(cfg_path):
+      with open(cfg_path) as f:
+        c = json.load(f)
+      a = c.get('adapter', {})
+      row['method'] = c.get('method')
+      if row['method'] == 'lora':   # the baselines have no adapter settings
+        row.update(variant=a.get('variant'), rank=a.get('rank'), alpha=a.get('alpha'),
+                   scaling=a.get('scaling'), init=a.get('init'),
+                   quant=(c.get('quant') or {}).get('type') or '',
+                   loraplus_ratio=c.get('train', {}).get('loraplus_ratio'))
+    if status == 'done':
+      with open(res_path) as f:
+        r = json.load(f)
+      metric = r.get('metric')
+      row.update(trainable_params=r.get('trainable_params'),
+                 trainable_fraction=r.get('trainable_fraction'), metric=metric,
+                 final=r.get(metric), base=r.get(f'base_{metric}'),
+                 step_ms=None if r.get('step_seconds') is None else 1e3 * r['step_seconds'],
+                 step_memory_mib=None if r.get('step_memory_bytes') is None else
+                 r['step_memory_bytes'] / 2**20)
+      for k, v in r.items():   # every other final metric
+        if isinstance(v, float) and k not in row and not k.startswith(('base_', 'step_')) and (
+            k not in ('trainable_fraction', 'seconds')):
+          row[k] = v
+    rows.append(row)
+  extra = sorted({k for r in rows for k in r} - set(COLUMNS))
+  cols = list(COLUMNS) + extra
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, 'results.csv'), 'w', newline='') as f:
+    w = csv.DictWriter(f, cols)
+    w.writeheader()
+    for r in rows:
+      w.writerow({k: r.get(k, '') for k in cols})
+  fmt = lambda v: (f'{v:.4g}' if isinstance(v, float) else ('' if v is None else str(v)))
+  with open(os.path.join(workdir, 'results.md'), 'w') as f:
+    f.write('| ' + ' | '.join(cols) + ' |\n|' + ' --- |' * len(cols) + '\n')
+    for r in rows:
+      f.write('| ' + ' | '.join(fmt(r.get(k)) for k in cols) + ' |\n')
+  return rows
+
+
+def _split(config: str) -> tuple[str, str | None]:
+  path, _, arg = config.partition(':')
+  return path, (arg or None)
+
+
+def parse_sets(items: list[str]) -> dict[str, Any]:
+  """`['train.steps=10', 'adapter.dropout=0.1']` -> typed overrides (int, float, bool, str)."""
+  out = {}
+  for item in items:
+    key, eq, value = item.partition('=')
+    if not eq or not key:
+      raise ValueError(f'--set {item!r} must be key=value.')
+    for conv in (int, float):
+      try:
+        out[key] = conv(value)
+        break
+      except ValueError:
+        continue
+    else:
+      out[key] = {'true': True, 'false': False}.get(value.lower(), value)
+  return out
+
+
+def _define_flags():
+  """The command line (defined only when run as a program, so that importing this module next to
+  `experiments.train`, whose flags have the same names, works)."""
+  flags.DEFINE_string('config', None, 'configs/<name>.py[:arg]: the sweep to run.')
+  flags.DEFINE_string('workdir', None, 'Directory of the sweep.')
+  flags.DEFINE_integer('workers', 1, 'Trials run at a time.')
+  flags.DEFINE_bool('print_commands', False, 'Print one command per trial and exit.')
+  flags.DEFINE_bool('gather_only', False, 'Only gather finished trials into the table.')
+  flags.DEFINE_string('only', None, 'Regex: run only the trials whose name matches.')
+  flags.DEFINE_multi_string('set', [], 'key=value: a dotted config override added to every '
+                            'trial (e.g. --set train.steps=10); repeatable.')
+
+
+def main(argv):
+  del argv
+  f = flags.FLAGS
+  if not f.config or not f.workdir:
+    raise app.UsageError('--config and --workdir are required.')
+  path, arg = _split(f.config)
+  workdir = os.path.abspath(f.workdir)
+  extra = parse_sets(f.set)
+  if f.print_commands:
+    base_dir = _base_dir(path, arg, workdir)
+    for t in trials(path, arg, extra):
+      if not f.only or re.search(f.only, t.name):
+        cmd = ['python'] + command(path, t, workdir, base_dir)[1:]
+        print(f'cd {shlex.quote(ROOT)} && ' + ' '.join(shlex.quote(c) for c in cmd))
+    return
+  if not f.gather_only:
+    status = run(path, arg, workdir, f.workers, f.only, extra)
+  rows = gather(path, arg, workdir, extra)
+  done = sum(r['status'] == 'done' for r in rows)
+  print(f'{done} of {len(rows)} trials finished; table: {os.path.join(workdir, "results.md")}')
+  if done:
+    try:
+      from experiments import report  # pylint: disable=g-import-not-at-top
+      print('plots:', ' '.join(report.plot(workdir)))
+    except ImportError:
+      print('plots: install matplotlib (pip install "lorax_jax[report]") and run '
+            f'python -m experiments.report {workdir}')
+  if not f.gather_only and any(s == 'failed' for s in status.values()):
+    failed = sorted(n for n, s in status.items() if s == 'failed')
+    print(f'failed: {failed} (see trials/<name>/error.txt)')
+    sys.exit(1)
+
+
+if __name__ == '__main__':
+  _define_flags()
+  app.run(main)

@@ -1,0 +1,164 @@
+"""Configs and their sweeps, the sweep runner (processes, resume, failures, commands), reports."""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import os
+import re
+import subprocess
+import sys
+
+import jax
+import pytest
+
+import lorax_jax as lj
+from configs import common
+from experiments import report
+from experiments import sweep
+from experiments import tasks
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = sorted(p for p in glob.glob(os.path.join(ROOT, 'configs', '*.py'))
+                 if not os.path.basename(p).startswith(('common', '__')))
+
+
+def test_every_config_has_a_sweep():
+  names = {os.path.basename(p) for p in CONFIGS}
+  assert {'vit_digits.py', 'cnn_digits.py', 'minilm_docstrings.py', 'decoder_lm.py'} <= names
+  for path in CONFIGS:
+    assert hasattr(sweep.load_module(path), 'sweep'), path
+
+
+@pytest.mark.parametrize('path', CONFIGS, ids=os.path.basename)
+def test_every_sweep_expands_and_every_trial_config_builds(path):
+  full = sweep.trials(path)
+  names = [t.name for t in full]
+  assert len(set(names)) == len(names) and {'full', 'head'} <= set(names)
+  by = {t.name: dict(t.overrides) for t in full}
+  # Every registered variant x both scaling modes, LoRA+, QLoRA and the weight-aware inits.
+  for v in lj.variants.names():
+    assert f'{v}_r1_ar' in names and f'{v}_r1_rs' in names, v
+  assert by['lora_r1_rs']['adapter.scaling'] == 'rslora'
+  assert by['lora+_r1']['train.loraplus_ratio'] == 16.0
+  assert {'pissa_r1', 'olora_r1', 'loftq_r1', 'lora_ga_r1', 'qlora_r1'} <= set(names)
+  ranks = sorted({int(m.group(1)) for n in names for m in [re.search(r'_r(\d+)', n)] if m})
+  assert ranks[0] == 1 and ranks[-1] >= 8
+  quick = sweep.trials(path, 'quick')
+  lora_like = [t for t in quick if re.search(r'_r\d+$', t.name)]
+  assert len({t.name.rsplit('_r', 1)[0] for t in lora_like}) >= 4
+  assert len({t.name.rsplit('_r', 1)[1] for t in lora_like}) >= 3
+  assert all(t.arg.startswith('quick') for t in quick)
+  # Every kind of trial at its largest rank builds its spec on the model (shapes only): ranks
+  # fit the layers, variant options and quantization blocks are valid.
+  from experiments import train  # pylint: disable=g-import-not-at-top
+  module = sweep.load_module(path)
+  largest = {}
+  for t in full:
+    kind = t.name.rsplit('_r', 1)[0] if '_r' in t.name else t.name
+    rank = int(re.search(r'_r(\d+)', t.name).group(1)) if '_r' in t.name else 0
+    if rank >= largest.get(kind, (-1, None))[0]:
+      largest[kind] = (rank, t)
+  task = tasks.make_task(module.get_config(largest['lora'][1].arg))
+  params = jax.eval_shape(task.model.init, jax.random.key(0), *task.example)
+  for kind, (_, t) in largest.items():
+    config = common.apply_overrides(module.get_config(t.arg), dict(t.overrides))
+    spec = lj.make_spec(params, train._rules(config), fn=task.model.apply, args=task.example)
+    q = train._quant_setting(config)
+    if q and config.method == 'lora':
+      for p, s in lj.spec.spec_leaves(spec).items():
+        if s.variant != 'full':
+          lj.quant.resolve_setting(lj.inits.quant_setting(dict(q), s), p, s.shape)
+
+
+def _config_file(tmp_path, body):
+  path = tmp_path / 'my_config.py'
+  path.write_text('from configs import vit_digits\n'
+                  'get_config = vit_digits.get_config\n\n'
+                  'def sweep(add, arg=None):\n' + body)
+  return str(path)
+
+
+@pytest.mark.parametrize('body,message', [
+    ("  add('a', 'rank=2')\n  add('a', 'rank=4')\n", "Two trials are named 'a'"),
+    ("  add('a', 'rank=2', **{'adapter.rnak': 3})\n",
+     "Unknown override key 'adapter.rnak': adapter has no field 'rnak'; allowed: ['alpha',"),
+    ("  add('a', 'rank=2', **{'trian.steps': 3})\n", "the config has no field 'trian'"),
+    ("  add('a', 'rnak=2')\n", "Unknown config argument 'rnak'"),
+    ("  add('a b', 'rank=2')\n", "Trial name 'a b' must be"),
+    ("  pass\n", 'declares no trials'),
+])
+def test_bad_sweeps_are_refused(tmp_path, body, message):
+  with pytest.raises(ValueError, match=re.escape(message)):
+    sweep.trials(_config_file(tmp_path, body))
+
+
+def test_apply_overrides_sets_nested_keys():
+  from configs import vit_digits  # pylint: disable=g-import-not-at-top
+  c = common.apply_overrides(vit_digits.get_config('quick'), {'adapter.scaling': 'rslora',
+                                                              'train.steps': 7})
+  assert c.adapter.scaling == 'rslora' and c.train.steps == 7
+
+
+TINY = {'base.steps': 20, 'train.steps': 6, 'train.warmup_steps': 1, 'train.eval_every': 3,
+        'train.checkpoint_every': 3, 'train.log_every': 2}
+
+
+def test_sweep_runs_records_failures_resumes_and_reports(tmp_path):
+  path = _config_file(tmp_path, (
+      "  add('head', 'quick,method=head')\n"
+      "  add('lora_r2', 'quick,rank=2')\n"
+      "  add('broken', 'quick,rank=2', **{'train.learning_rate': float('nan')})\n"))
+  workdir = str(tmp_path / 'sweep')
+  log = tmp_path / 'progress.txt'
+  with open(log, 'w') as out:
+    status = sweep.run(path, None, workdir, workers=2, extra=TINY, out=out)
+  assert status == {'head': 'done', 'lora_r2': 'done', 'broken': 'failed'}
+  progress = log.read_text()
+  assert re.search(r'2/3 done \(0 skipped\), 0 running, 1 failed', progress), progress
+  err = open(os.path.join(workdir, 'trials', 'broken', 'error.txt')).read()
+  assert 'exit code 1' in err and 'Loss became nan' in err
+  rows = {r['name']: r for r in sweep.gather(path, None, workdir, TINY)}
+  assert rows['broken']['status'] == 'failed' and rows['lora_r2']['status'] == 'done'
+  r = rows['lora_r2']
+  assert r['variant'] == 'lora' and r['rank'] == 2 and r['scaling'] == 'alpha/r'
+  assert 0 < r['trainable_fraction'] < 0.5 and 0 <= r['final'] <= 1
+  assert r['step_ms'] > 0 and r['step_memory_mib'] > 0
+  with open(os.path.join(workdir, 'results.csv')) as f:
+    assert [row['name'] for row in csv.DictReader(f)] == ['head', 'lora_r2', 'broken']
+  assert '| lora_r2 | done | lora | lora | 2 |' in open(os.path.join(workdir, 'results.md')).read()
+
+  # Rerun: finished trials are skipped; an interrupted one (no results.json, checkpoints kept)
+  # resumes from its last checkpoint.
+  os.remove(os.path.join(workdir, 'trials', 'lora_r2', 'results.json'))
+  with open(os.devnull, 'w') as out:
+    status = sweep.run(path, None, workdir, workers=1, only='head|lora', extra=TINY, out=out)
+  assert status == {'head': 'skipped', 'lora_r2': 'done'}
+  resumed = json.load(open(os.path.join(workdir, 'trials', 'lora_r2', 'results.json')))
+  assert resumed['resumed_from'] == 6 and resumed['accuracy'] == r['final']
+
+  paths = report.plot(workdir)
+  assert [os.path.basename(p) for p in paths] == ['metric_vs_params.png', 'metric_vs_rank.png',
+                                                  'loss_curves.png']
+  assert all(os.path.getsize(p) > 10_000 for p in paths)
+
+
+def test_print_commands_gives_one_runnable_command_per_trial(tmp_path):
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  proc = subprocess.run(
+      [sys.executable, '-m', 'experiments.sweep', '--config', 'configs/vit_digits.py:quick',
+       '--workdir', str(tmp_path / 's'), '--print_commands', '--set', 'train.steps=5'],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr
+  lines = proc.stdout.strip().splitlines()
+  assert len(lines) == len(sweep.trials('configs/vit_digits.py', 'quick'))
+  assert all(l.startswith('cd ') and ' -m experiments.train ' in l and
+             '--config.train.steps=5' in l for l in lines)
+  assert any('--config.train.loraplus_ratio=1.0' in l and 'variant=dora,rank=4' in l
+             for l in lines)
+
+
+def test_report_without_results_is_a_clear_error(tmp_path):
+  with pytest.raises(ValueError, match='results.csv does not exist'):
+    report.plot(str(tmp_path))
