@@ -197,6 +197,52 @@ def _quant_setting(config) -> dict[str, Any] | None:
   return {'type': q.type, 'block_size': q.block_size, 'double_quant': q.double_quant}
 
 
+def adapt(config, task: tasks.Task, params):
+  """The spec and initial adapters of `config` on the base `params`: `(spec, params, adapters)`,
+  with `params` changed where a weight-aware init gives a residual and quantized for QLoRA."""
+  model = task.model
+  spec = lj.make_spec(params, _rules(config), fn=model.apply, args=task.example)
+
+  def calibration_loss(p, batch):
+    inputs, targets = batch
+    return task.loss(model.apply(p, *inputs), targets)
+
+  params, adapters = lj.init(
+      jax.random.fold_in(jax.random.key(config.seed), 1), params, spec, fn=calibration_loss,
+      batches=(task.train_batch(i) for i in range(10**9)),
+      num_batches=config.adapter.get('calibration_batches', 8) if config.get('adapter') else 8)
+  quant = _quant_setting(config)
+  if quant and config.method == 'lora' and config.adapter.get('init') != 'loftq':
+    # QLoRA: the adapted kernels' base (a residual after PiSSA-like inits: QPiSSA) quantized.
+    params = lj.quantize(params, spec, **quant)
+  return spec, params, adapters
+
+
+def make_schedule(config) -> optax.Schedule:
+  t = config.train
+  return optax.warmup_cosine_decay_schedule(0.0, t.learning_rate, t.warmup_steps, t.steps,
+                                            end_value=0.1 * t.learning_rate)
+
+
+def make_optimizer(config) -> optax.GradientTransformation:
+  """Warmup + cosine AdamW (LoRA+ ratio for `method='lora'`) of `config.train`."""
+  t = config.train
+  return lj.optimizer(make_schedule(config), loraplus_ratio=t.loraplus_ratio if config.method == 'lora' else 1.0,
+                      weight_decay=t.weight_decay)
+
+
+def initial_state(config, adapters, opt_state) -> dict[str, Any]:
+  """The checkpointed training state at step 0."""
+  return {'adapters': adapters, 'opt_state': opt_state, 'step': jnp.int32(0),
+          'rng': jax.random.key_data(jax.random.key(config.seed))}
+
+
+def checkpoint_metadata(config, base_path: str) -> dict[str, Any]:
+  """What a checkpoint records to refuse restoring into another config or base."""
+  return dict(config=_digest(_math_config(config)), base=os.path.basename(base_path),
+              method=config.method)
+
+
 def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   """Runs (or resumes) the experiment described by `config` in `workdir`; returns its results.
 
@@ -213,19 +259,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     f.write(config.to_json_best_effort(indent=2))
   params, base_path, pretrained_now = obtain_base(config, task)
 
-  spec = lj.make_spec(params, _rules(config), fn=model.apply, args=task.example)
-  def calibration_loss(p, batch):
-    inputs, targets = batch
-    return task.loss(model.apply(p, *inputs), targets)
-
-  params, adapters = lj.init(
-      jax.random.fold_in(jax.random.key(config.seed), 1), params, spec, fn=calibration_loss,
-      batches=(task.train_batch(i) for i in range(10**9)),
-      num_batches=config.adapter.get('calibration_batches', 8) if config.get('adapter') else 8)
-  quant = _quant_setting(config)
-  if quant and config.method == 'lora' and config.adapter.get('init') != 'loftq':
-    # QLoRA: the adapted kernels' base (a residual after PiSSA-like inits: QPiSSA) quantized.
-    params = lj.quantize(params, spec, **quant)
+  spec, params, adapters = adapt(config, task, params)
   n_trainable = lj.count_params(adapters)
   n_total = sum(int(np.prod(np.shape(l))) for _, _, l in lj.paths.leaves_with_paths(params))
 
@@ -239,10 +273,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
 
   apply = lj.lora(model.apply)
   t = config.train
-  schedule = optax.warmup_cosine_decay_schedule(0.0, t.learning_rate, t.warmup_steps, t.steps,
-                                                end_value=0.1 * t.learning_rate)
-  tx = lj.optimizer(schedule, loraplus_ratio=t.loraplus_ratio if config.method == 'lora' else 1.0,
-                    weight_decay=t.weight_decay)
+  schedule, tx = make_schedule(config), make_optimizer(config)
 
   def loss_fn(joined, batch, rng):
     inputs, targets = batch
@@ -268,12 +299,10 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     return {k: _host(metric(p, a, *v)) for k, v in eval_sets.items()}
 
   key = jax.random.key(config.seed)
-  state = {'adapters': adapters, 'opt_state': opt_state, 'step': jnp.int32(0),
-           'rng': jax.random.key_data(key)}
+  state = initial_state(config, adapters, opt_state)
   state = {**state, **sharding_lib.place({'step': state['step'], 'rng': state['rng']},
                                          {'step': replicated, 'rng': replicated})}
-  metadata = dict(config=_digest(_math_config(config)), base=os.path.basename(base_path),
-                  method=config.method)
+  metadata = checkpoint_metadata(config, base_path)
   ckpts = ckpt_lib.Checkpoints(os.path.join(workdir, 'checkpoints'), t.checkpoint_every,
                                t.max_to_keep)
   start = 0

@@ -4,13 +4,15 @@
     params, adapters = init(key, params, spec)      # create
     y = lora(apply)(join(params, adapters), x)      # run, factored
     merged = merge(params, adapters)                # export
+    save_peft(dir, adapters, spec, name_map)        # Hugging Face PEFT files (and load_peft)
 
     qparams = quantize(params, spec)                # QLoRA: an NF4 base, dequantized on use
 """
 
-from lorax_jax import adapters, calibration, inits, paths, quant, variants  # noqa: F401
+from lorax_jax import adapters, calibration, inits, interop, paths, quant, variants  # noqa: F401
 from lorax_jax.inits import to_lora
 from lorax_jax.adapters import Adapted, count_params, init, join, merge, split, unmerge
+from lorax_jax.interop import export_hf, load_peft, save_peft
 from lorax_jax.interpreter import MaterializeError, MaterializeWarning, lora
 from lorax_jax.quant import QuantizedArray, dequantize, quantize
 from lorax_jax.spec import LeafSpec, Rule, dense_kernels, make_spec, summary
@@ -44,10 +46,12 @@ __all__ = [
     'count_params',
     'dense_kernels',
     'dequantize',
+    'export_hf',
     'infer_axes',
     'init',
     'join',
     'labels',
+    'load_peft',
     'lora',
     'make_spec',
     'make_train_step',
@@ -55,6 +59,7 @@ __all__ = [
     'optimizer',
     'quantize',
     'register',
+    'save_peft',
     'split',
     'summary',
     'to_lora',

@@ -75,7 +75,7 @@ def _tiny_checkpoint(tmp_path, mutate):
   c = bert_lib.BertConfig(**{k: v for k, v in config.items() if k != 'hidden_act'})
   rng = np.random.default_rng(0)
   tensors = {}
-  for entry in bert_lib._mapping(c):  # pylint: disable=protected-access
+  for entry in bert_lib.hf_mapping(c):
     tensors['bert.' + entry.hf_key] = None
   shapes = {
       'embeddings.word_embeddings.weight': (50, 8), 'embeddings.position_embeddings.weight':

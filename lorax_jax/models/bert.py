@@ -94,35 +94,48 @@ class Bert(nn.Module):
     return pooled
 
 
-def _mapping(config: BertConfig) -> list[hf.Entry]:
+def hf_mapping(config: BertConfig | dict[str, Any] | str) -> list[hf.Entry]:
+  """The name map of `Bert` to Hugging Face `BertModel` names (a `BertConfig`, a config.json dict
+  or a checkpoint directory). Prefix it with `hf.prefixed(..., path='bert/')` for
+  `BertClassifier`."""
+  if not isinstance(config, BertConfig):
+    raw = hf.read_config(config)
+    names = {f.name for f in dataclasses.fields(BertConfig)}
+    config = BertConfig(**{k: v for k, v in raw.items() if k in names})
   c = config
-  heads, head_dim = c.num_attention_heads, c.hidden_size // c.num_attention_heads
-  qkv = lambda w: w.T.reshape(c.hidden_size, heads, head_dim)
+  d, heads, head_dim = c.hidden_size, c.num_attention_heads, c.hidden_size // c.num_attention_heads
+  qkv = lambda w: w.T.reshape(d, heads, head_dim)
   entries = [
-      hf.Entry('embeddings.word_embeddings.weight', 'word_embeddings/embedding'),
-      hf.Entry('embeddings.position_embeddings.weight', 'position_embeddings/embedding'),
-      hf.Entry('embeddings.token_type_embeddings.weight', 'token_type_embeddings/embedding'),
-      hf.Entry('embeddings.LayerNorm.weight', 'embeddings_norm/scale'),
-      hf.Entry('embeddings.LayerNorm.bias', 'embeddings_norm/bias'),
+      hf.Entry('embeddings.word_embeddings.weight', 'word_embeddings/embedding', None,
+               (c.vocab_size, d)),
+      hf.Entry('embeddings.position_embeddings.weight', 'position_embeddings/embedding', None,
+               (c.max_position_embeddings, d)),
+      hf.Entry('embeddings.token_type_embeddings.weight', 'token_type_embeddings/embedding', None,
+               (c.type_vocab_size, d)),
+      hf.Entry('embeddings.LayerNorm.weight', 'embeddings_norm/scale', None, (d,)),
+      hf.Entry('embeddings.LayerNorm.bias', 'embeddings_norm/bias', None, (d,)),
   ]
   for i in range(c.num_hidden_layers):
     p, o = f'encoder.layer.{i}.', f'layer{i}/'
     for name in ('query', 'key', 'value'):
-      entries += [hf.Entry(f'{p}attention.self.{name}.weight', f'{o}{name}/kernel', qkv),
+      entries += [hf.Entry(f'{p}attention.self.{name}.weight', f'{o}{name}/kernel', qkv, (d, d)),
                   hf.Entry(f'{p}attention.self.{name}.bias', f'{o}{name}/bias',
-                           lambda b: b.reshape(heads, head_dim))]
+                           lambda b: b.reshape(heads, head_dim), (d,))]
     entries += [
         hf.Entry(f'{p}attention.output.dense.weight', f'{o}out/kernel',
-                 lambda w: w.T.reshape(heads, head_dim, c.hidden_size)),
-        hf.Entry(f'{p}attention.output.dense.bias', f'{o}out/bias'),
-        hf.Entry(f'{p}attention.output.LayerNorm.weight', f'{o}attention_norm/scale'),
-        hf.Entry(f'{p}attention.output.LayerNorm.bias', f'{o}attention_norm/bias'),
-        hf.Entry(f'{p}intermediate.dense.weight', f'{o}intermediate/kernel', np.transpose),
-        hf.Entry(f'{p}intermediate.dense.bias', f'{o}intermediate/bias'),
-        hf.Entry(f'{p}output.dense.weight', f'{o}output/kernel', np.transpose),
-        hf.Entry(f'{p}output.dense.bias', f'{o}output/bias'),
-        hf.Entry(f'{p}output.LayerNorm.weight', f'{o}output_norm/scale'),
-        hf.Entry(f'{p}output.LayerNorm.bias', f'{o}output_norm/bias'),
+                 lambda w: w.T.reshape(heads, head_dim, d), (d, d)),
+        hf.Entry(f'{p}attention.output.dense.bias', f'{o}out/bias', None, (d,)),
+        hf.Entry(f'{p}attention.output.LayerNorm.weight', f'{o}attention_norm/scale', None, (d,)),
+        hf.Entry(f'{p}attention.output.LayerNorm.bias', f'{o}attention_norm/bias', None, (d,)),
+        hf.Entry(f'{p}intermediate.dense.weight', f'{o}intermediate/kernel', np.transpose,
+                 (c.intermediate_size, d)),
+        hf.Entry(f'{p}intermediate.dense.bias', f'{o}intermediate/bias', None,
+                 (c.intermediate_size,)),
+        hf.Entry(f'{p}output.dense.weight', f'{o}output/kernel', np.transpose,
+                 (d, c.intermediate_size)),
+        hf.Entry(f'{p}output.dense.bias', f'{o}output/bias', None, (d,)),
+        hf.Entry(f'{p}output.LayerNorm.weight', f'{o}output_norm/scale', None, (d,)),
+        hf.Entry(f'{p}output.LayerNorm.bias', f'{o}output_norm/bias', None, (d,)),
     ]
   return entries
 
@@ -141,7 +154,7 @@ def load_hf_bert(directory: str) -> tuple[Bert, dict[str, Any]]:
   model = Bert(config)
   abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 2), jnp.int32),
                             jnp.ones((1, 2), jnp.int32))['params']
-  params = hf.convert(tensors, _mapping(config), abstract, strip_prefixes=('bert.',),
+  params = hf.convert(tensors, hf_mapping(config), abstract, strip_prefixes=('bert.',),
                       ignore=(r'^pooler\.', r'embeddings\.position_ids$'))
   return model, {'params': params}
 

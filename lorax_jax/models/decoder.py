@@ -7,6 +7,8 @@ rematerialized with `nn.remat`.
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -137,6 +139,61 @@ def generate(apply_fn, params, prompt: jnp.ndarray, steps: int, *, temperature: 
   return jax.lax.fori_loop(0, steps, body, (tokens, key))[0]
 
 
+def _llama_dims(c: dict[str, Any]) -> tuple[int, int, int, int]:
+  d, heads = c['hidden_size'], c['num_attention_heads']
+  kv = c.get('num_key_value_heads') or heads
+  head_dim = c.get('head_dim') or d // heads
+  if head_dim * heads != d:
+    raise ValueError(f'head_dim={head_dim} x heads={heads} != hidden_size={d}: not supported.')
+  return d, heads, kv, head_dim
+
+
+def hf_mapping(config: dict[str, Any] | str, *, scan_layers: bool = False) -> list:
+  """The name map of `Decoder` to Hugging Face `LlamaForCausalLM` names (a config.json dict or a
+  checkpoint directory). With `scan_layers`, each layer's tensor is one slice (`index`) of the
+  stacked `layers/...` leaf."""
+  from lorax_jax.models import hf  # pylint: disable=g-import-not-at-top
+  c = hf.read_config(config)
+  d, heads, kv, head_dim = _llama_dims(c)
+  mlp, vocab = c['intermediate_size'], c['vocab_size']
+  t = lambda w: w.T
+  per_layer = {
+      'self_attn.q_proj.weight': ('query/kernel', lambda w: w.T.reshape(d, heads, head_dim),
+                                  (d, d)),
+      'self_attn.k_proj.weight': ('key/kernel', lambda w: w.T.reshape(d, kv, head_dim),
+                                  (kv * head_dim, d)),
+      'self_attn.v_proj.weight': ('value/kernel', lambda w: w.T.reshape(d, kv, head_dim),
+                                  (kv * head_dim, d)),
+      'self_attn.o_proj.weight': ('out/kernel', lambda w: w.T.reshape(heads, head_dim, d),
+                                  (d, d)),
+      'mlp.gate_proj.weight': ('gate/kernel', t, (mlp, d)),
+      'mlp.up_proj.weight': ('up/kernel', t, (mlp, d)),
+      'mlp.down_proj.weight': ('down/kernel', t, (d, mlp)),
+      'input_layernorm.weight': ('attn_norm/scale', None, (d,)),
+      'post_attention_layernorm.weight': ('mlp_norm/scale', None, (d,)),
+  }
+  entries = [hf.Entry('model.embed_tokens.weight', 'embed/embedding', None, (vocab, d)),
+             hf.Entry('model.norm.weight', 'final_norm/scale', None, (d,)),
+             hf.Entry('lm_head.weight', 'head/kernel', t, (vocab, d))]
+  for i in range(c['num_hidden_layers']):
+    for name, (path, fn, shape) in per_layer.items():
+      key = f'model.layers.{i}.{name}'
+      entries.append(hf.Entry(key, f'layers/{path}', fn, shape, index=i) if scan_layers else
+                     hf.Entry(key, f'layer{i}/{path}', fn, shape))
+  return entries
+
+
+def hf_config(model: 'Decoder') -> dict[str, Any]:
+  """A Hugging Face `LlamaForCausalLM` config.json for `model` (for exports)."""
+  return dict(architectures=['LlamaForCausalLM'], model_type='llama',
+              vocab_size=model.vocab_size, hidden_size=model.d_model,
+              num_hidden_layers=model.num_layers, num_attention_heads=model.num_heads,
+              num_key_value_heads=model.num_kv_heads or model.num_heads,
+              intermediate_size=model.mlp_dim, hidden_act='silu', rms_norm_eps=model.norm_eps,
+              rope_theta=model.rope_theta, max_position_embeddings=4096,
+              attention_bias=False, mlp_bias=False, tie_word_embeddings=False)
+
+
 def load_hf_llama(directory: str, *, scan_layers: bool = False) -> tuple[Decoder, dict]:
   """Loads a Hugging Face `LlamaForCausalLM` directory (config.json + model.safetensors).
 
@@ -148,12 +205,9 @@ def load_hf_llama(directory: str, *, scan_layers: bool = False) -> tuple[Decoder
     ValueError: for an unsupported config (biases, non-SiLU activation, scaled RoPE), or listing
       missing/unexpected/mis-shaped tensors.
   """
-  import json  # pylint: disable=g-import-not-at-top
   import os  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
   from lorax_jax.models import hf  # pylint: disable=g-import-not-at-top
-  with open(os.path.join(directory, 'config.json')) as f:
-    c = json.load(f)
+  c = hf.read_config(directory)
   rope = c.get('rope_parameters') or c.get('rope_scaling') or {}
   unsupported = {k: c[k] for k in ('attention_bias', 'mlp_bias') if c.get(k)}
   if c.get('hidden_act', 'silu') != 'silu':
@@ -163,50 +217,15 @@ def load_hf_llama(directory: str, *, scan_layers: bool = False) -> tuple[Decoder
   if unsupported:
     raise ValueError(f'Unsupported Llama config fields {unsupported}; supported: no biases, '
                      "silu, default RoPE.")
-  d, heads = c['hidden_size'], c['num_attention_heads']
-  kv = c.get('num_key_value_heads') or heads
-  head_dim = c.get('head_dim') or d // heads
-  if head_dim * heads != d:
-    raise ValueError(f'head_dim={head_dim} x heads={heads} != hidden_size={d}: not supported.')
-  layers = c['num_hidden_layers']
-  model = Decoder(vocab_size=c['vocab_size'], d_model=d, num_layers=layers, num_heads=heads,
-                  mlp_dim=c['intermediate_size'], num_kv_heads=kv, scan_layers=scan_layers,
-                  norm_eps=c.get('rms_norm_eps', 1e-6),
+  d, heads, kv, _ = _llama_dims(c)
+  model = Decoder(vocab_size=c['vocab_size'], d_model=d, num_layers=c['num_hidden_layers'],
+                  num_heads=heads, mlp_dim=c['intermediate_size'], num_kv_heads=kv,
+                  scan_layers=scan_layers, norm_eps=c.get('rms_norm_eps', 1e-6),
                   rope_theta=rope.get('rope_theta', c.get('rope_theta', 10000.0)))
   tensors = hf.load_safetensors(os.path.join(directory, 'model.safetensors'))
   if 'lm_head.weight' not in tensors and c.get('tie_word_embeddings'):
     tensors['lm_head.weight'] = tensors['model.embed_tokens.weight']
-  t = lambda w: w.T
-  per_layer = lambda i: {
-      f'model.layers.{i}.self_attn.q_proj.weight': ('query/kernel',
-                                                    lambda w: w.T.reshape(d, heads, head_dim)),
-      f'model.layers.{i}.self_attn.k_proj.weight': ('key/kernel',
-                                                    lambda w: w.T.reshape(d, kv, head_dim)),
-      f'model.layers.{i}.self_attn.v_proj.weight': ('value/kernel',
-                                                    lambda w: w.T.reshape(d, kv, head_dim)),
-      f'model.layers.{i}.self_attn.o_proj.weight': ('out/kernel',
-                                                    lambda w: w.T.reshape(heads, head_dim, d)),
-      f'model.layers.{i}.mlp.gate_proj.weight': ('gate/kernel', t),
-      f'model.layers.{i}.mlp.up_proj.weight': ('up/kernel', t),
-      f'model.layers.{i}.mlp.down_proj.weight': ('down/kernel', t),
-      f'model.layers.{i}.input_layernorm.weight': ('attn_norm/scale', None),
-      f'model.layers.{i}.post_attention_layernorm.weight': ('mlp_norm/scale', None),
-  }
-  entries = [hf.Entry('model.embed_tokens.weight', 'embed/embedding'),
-             hf.Entry('model.norm.weight', 'final_norm/scale'),
-             hf.Entry('lm_head.weight', 'head/kernel', t)]
-  if scan_layers:
-    for suffix, (path, fn) in per_layer(0).items():
-      name = suffix[len('model.layers.0.'):]
-      keys = [f'model.layers.{i}.{name}' for i in range(layers)]
-      if all(k in tensors for k in keys):
-        tensors[f'model.layers.*.{name}'] = np.stack(
-            [fn(tensors.pop(k)) if fn else tensors.pop(k) for k in keys])
-      entries.append(hf.Entry(f'model.layers.*.{name}', f'layers/{path}'))
-  else:
-    for i in range(layers):
-      entries += [hf.Entry(k, f'layer{i}/{p}', fn) for k, (p, fn) in per_layer(i).items()]
   abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 2), jnp.int32))
-  params = hf.convert(tensors, entries, abstract['params'],
+  params = hf.convert(tensors, hf_mapping(c, scan_layers=scan_layers), abstract['params'],
                       ignore=(r'rotary_emb\.inv_freq$',))
   return model, {'params': params}

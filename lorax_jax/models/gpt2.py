@@ -8,7 +8,7 @@ Attention kernels are `DenseGeneral` like the other reference models (query/key/
 
 from __future__ import annotations
 
-import json
+import functools
 import os
 from typing import Any
 
@@ -59,58 +59,57 @@ class GPT2(nn.Module):
     return wte.attend(nn.LayerNorm(epsilon=self.eps, dtype=self.dtype, name='ln_f')(x))
 
 
+def hf_mapping(config: dict[str, Any] | str) -> list[hf.Entry]:
+  """The name map of `GPT2` to Hugging Face `GPT2Model` names (a config.json dict or a checkpoint
+  directory). The fused `c_attn` (GPT-2's `Conv1D`, (in, out)) holds query, key and value in
+  column blocks."""
+  c = hf.read_config(config)
+  d, heads, layers = c['n_embd'], c['n_head'], c['n_layer']
+  hd, inner = d // heads, c.get('n_inner') or 4 * c['n_embd']
+  entries = [hf.Entry('wte.weight', 'wte/embedding', None, (c['vocab_size'], d)),
+             hf.Entry('wpe.weight', 'wpe/embedding', None, (c['n_positions'], d)),
+             hf.Entry('ln_f.weight', 'ln_f/scale', None, (d,)),
+             hf.Entry('ln_f.bias', 'ln_f/bias', None, (d,))]
+  conv = functools.partial(hf.Entry, kind='conv1d')
+  for i in range(layers):
+    p, o = f'h.{i}.', f'h{i}/'
+    for j, n in enumerate(('query', 'key', 'value')):
+      cols = (j * d, (j + 1) * d)
+      entries += [conv(f'{p}attn.c_attn.weight', f'{o}{n}/kernel',
+                       lambda w: w.reshape(d, heads, hd), (d, 3 * d), columns=cols),
+                  hf.Entry(f'{p}attn.c_attn.bias', f'{o}{n}/bias',
+                           lambda b: b.reshape(heads, hd), (3 * d,), columns=cols)]
+    entries += [conv(f'{p}attn.c_proj.weight', f'{o}out/kernel',
+                     lambda w: w.reshape(heads, hd, d), (d, d)),
+                hf.Entry(f'{p}attn.c_proj.bias', f'{o}out/bias', None, (d,)),
+                hf.Entry(f'{p}ln_1.weight', f'{o}ln_1/scale', None, (d,)),
+                hf.Entry(f'{p}ln_1.bias', f'{o}ln_1/bias', None, (d,)),
+                hf.Entry(f'{p}ln_2.weight', f'{o}ln_2/scale', None, (d,)),
+                hf.Entry(f'{p}ln_2.bias', f'{o}ln_2/bias', None, (d,)),
+                conv(f'{p}mlp.c_fc.weight', f'{o}fc/kernel', None, (d, inner)),
+                hf.Entry(f'{p}mlp.c_fc.bias', f'{o}fc/bias', None, (inner,)),
+                conv(f'{p}mlp.c_proj.weight', f'{o}proj/kernel', None, (inner, d)),
+                hf.Entry(f'{p}mlp.c_proj.bias', f'{o}proj/bias', None, (d,))]
+  return entries
+
+
 def load_hf_gpt2(directory: str) -> tuple[GPT2, dict[str, Any]]:
   """Loads a Hugging Face GPT-2 directory (config.json + model.safetensors).
 
   Raises:
     ValueError: for an unsupported activation, or listing missing/unexpected/mis-shaped tensors.
   """
-  with open(os.path.join(directory, 'config.json')) as f:
-    c = json.load(f)
+  c = hf.read_config(directory)
   if c.get('activation_function', 'gelu_new') not in ('gelu_new', 'gelu_pytorch_tanh'):
     raise ValueError(f"activation_function={c['activation_function']!r}; supported: "
                      "'gelu_new', 'gelu_pytorch_tanh'.")
   if c.get('n_inner') not in (None, 4 * c['n_embd']):
     raise ValueError(f"n_inner={c['n_inner']} is not 4 * n_embd: not supported.")
-  d, heads = c['n_embd'], c['n_head']
-  model = GPT2(vocab_size=c['vocab_size'], n_positions=c['n_positions'], d_model=d,
-               num_layers=c['n_layer'], num_heads=heads, eps=c.get('layer_norm_epsilon', 1e-5))
-  tensors = {k[len('transformer.'):] if k.startswith('transformer.') else k: v
-             for k, v in hf.load_safetensors(os.path.join(directory, 'model.safetensors')).items()}
-  hd = d // heads
-  entries = [hf.Entry('wte.weight', 'wte/embedding'), hf.Entry('wpe.weight', 'wpe/embedding'),
-             hf.Entry('ln_f.weight', 'ln_f/scale'), hf.Entry('ln_f.bias', 'ln_f/bias')]
-  bad = [f'{k}: {tuple(tensors[k].shape)}, expected {want}'
-         for i in range(c['n_layer'])
-         for k, want in ((f'h.{i}.attn.c_attn.weight', (d, 3 * d)),
-                         (f'h.{i}.attn.c_attn.bias', (3 * d,)))
-         if k in tensors and tuple(tensors[k].shape) != want]
-  if bad:
-    raise ValueError(f'Checkpoint does not fit the model:\n  mis-shaped keys ({len(bad)}): {bad}')
-  for i in range(c['n_layer']):
-    p, o = f'h.{i}.', f'h{i}/'
-    for kind in ('weight', 'bias'):
-      fused = tensors.pop(f'{p}attn.c_attn.{kind}', None)
-      if fused is not None:
-        for j, n in enumerate(('query', 'key', 'value')):
-          tensors[f'{p}attn.c_attn.{kind}[{n}]'] = fused[..., j * d:(j + 1) * d]
-    for n in ('query', 'key', 'value'):
-      entries += [hf.Entry(f'{p}attn.c_attn.weight[{n}]', f'{o}{n}/kernel',
-                           lambda w: w.reshape(d, heads, hd)),
-                  hf.Entry(f'{p}attn.c_attn.bias[{n}]', f'{o}{n}/bias',
-                           lambda b: b.reshape(heads, hd))]
-    entries += [hf.Entry(f'{p}attn.c_proj.weight', f'{o}out/kernel',
-                         lambda w: w.reshape(heads, hd, d)),
-                hf.Entry(f'{p}attn.c_proj.bias', f'{o}out/bias'),
-                hf.Entry(f'{p}ln_1.weight', f'{o}ln_1/scale'),
-                hf.Entry(f'{p}ln_1.bias', f'{o}ln_1/bias'),
-                hf.Entry(f'{p}ln_2.weight', f'{o}ln_2/scale'),
-                hf.Entry(f'{p}ln_2.bias', f'{o}ln_2/bias'),
-                hf.Entry(f'{p}mlp.c_fc.weight', f'{o}fc/kernel'),
-                hf.Entry(f'{p}mlp.c_fc.bias', f'{o}fc/bias'),
-                hf.Entry(f'{p}mlp.c_proj.weight', f'{o}proj/kernel'),
-                hf.Entry(f'{p}mlp.c_proj.bias', f'{o}proj/bias')]
+  model = GPT2(vocab_size=c['vocab_size'], n_positions=c['n_positions'], d_model=c['n_embd'],
+               num_layers=c['n_layer'], num_heads=c['n_head'],
+               eps=c.get('layer_norm_epsilon', 1e-5))
   abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 2), jnp.int32))
-  params = hf.convert(tensors, entries, abstract['params'],
+  params = hf.convert(hf.load_safetensors(os.path.join(directory, 'model.safetensors')),
+                      hf_mapping(c), abstract['params'], strip_prefixes=('transformer.',),
                       ignore=(r'\.attn\.bias$', r'\.attn\.masked_bias$', r'^lm_head\.weight$'))
   return model, {'params': params}

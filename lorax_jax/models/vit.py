@@ -158,36 +158,100 @@ class NnxViT(nnx.Module):
     return self.head(self.norm(x)[:, 0])
 
 
-def _hf_vit_mapping(s: ViTSize, depth: int) -> list:
+def _hf_size(c: dict[str, Any]) -> ViTSize:
+  return ViTSize(patch=c['patch_size'], hidden=c['hidden_size'], depth=c['num_hidden_layers'],
+                 heads=c['num_attention_heads'], mlp_dim=c['intermediate_size'])
+
+
+def _hf_num_classes(c: dict[str, Any]) -> int:
+  return len(c.get('id2label') or {}) or c.get('num_labels', 2)
+
+
+# transformers 5 renamed ViT's modules in memory (its checkpoints keep the old names), and PEFT
+# names adapters after the modules in memory.
+_V5_RENAMES = ((r'\.encoder\.layer\.', '.layers.'), (r'attention\.attention\.query', 'attention.q_proj'),
+               (r'attention\.attention\.key', 'attention.k_proj'),
+               (r'attention\.attention\.value', 'attention.v_proj'),
+               (r'attention\.output\.dense', 'attention.o_proj'),
+               (r'\.intermediate\.dense', '.mlp.fc1'), (r'\.output\.dense', '.mlp.fc2'))
+
+
+def _v5_module(module: str) -> str | None:
+  import re  # pylint: disable=g-import-not-at-top
+  new = module
+  for pattern, repl in _V5_RENAMES:
+    new = re.sub(pattern, repl, new)
+  return new if new != module else None
+
+
+def hf_mapping(config: dict[str, Any] | str, *, module_names: str = 'v5') -> list:
+  """The name map of `ViT` to Hugging Face `ViTForImageClassification` names (a config.json
+  dict or a checkpoint directory).
+
+  Args:
+    config: the Hugging Face config.
+    module_names: the torch module names PEFT files use: `'v5'` (transformers 5, whose ViT has
+      `vit.layers.N.attention.q_proj`, `mlp.fc1`, ...) or `'v4'` (the checkpoint names,
+      `vit.encoder.layer.N.attention.attention.query`, ...). Checkpoints use the v4 names in both.
+  """
+  import dataclasses  # pylint: disable=g-import-not-at-top
   from lorax_jax.models import hf  # pylint: disable=g-import-not-at-top
-  heads, head_dim = s.heads, s.hidden // s.heads
-  qkv = lambda w: w.T.reshape(s.hidden, heads, head_dim)
-  e = [hf.Entry('vit.embeddings.cls_token', 'cls_token'),
-       hf.Entry('vit.embeddings.position_embeddings', 'pos_embed'),
+  if module_names not in ('v4', 'v5'):
+    raise ValueError(f"module_names={module_names!r}; allowed: 'v4', 'v5'.")
+  entries = _hf_vit_entries(hf.read_config(config))
+  if module_names == 'v4':
+    return entries
+  return [dataclasses.replace(e, peft_module=_v5_module(e.module)) for e in entries]
+
+
+def _hf_vit_entries(c: dict[str, Any]) -> list:
+  from lorax_jax.models import hf  # pylint: disable=g-import-not-at-top
+  s = _hf_size(c)
+  d, heads, head_dim = s.hidden, s.heads, s.hidden // s.heads
+  channels, num_classes = c.get('num_channels', 3), _hf_num_classes(c)
+  tokens = (c['image_size'] // s.patch) ** 2 + 1
+  qkv = lambda w: w.T.reshape(d, heads, head_dim)
+  t = lambda w: w.T
+  e = [hf.Entry('vit.embeddings.cls_token', 'cls_token', None, (1, 1, d)),
+       hf.Entry('vit.embeddings.position_embeddings', 'pos_embed', None, (1, tokens, d)),
        hf.Entry('vit.embeddings.patch_embeddings.projection.weight', 'patch_embed/kernel',
-                lambda w: w.transpose(2, 3, 1, 0)),
-       hf.Entry('vit.embeddings.patch_embeddings.projection.bias', 'patch_embed/bias'),
-       hf.Entry('vit.layernorm.weight', 'norm/scale'), hf.Entry('vit.layernorm.bias', 'norm/bias'),
-       hf.Entry('classifier.weight', 'head/kernel', lambda w: w.T),
-       hf.Entry('classifier.bias', 'head/bias')]
-  for i in range(depth):
+                lambda w: w.transpose(2, 3, 1, 0), (d, channels, s.patch, s.patch)),
+       hf.Entry('vit.embeddings.patch_embeddings.projection.bias', 'patch_embed/bias', None, (d,)),
+       hf.Entry('vit.layernorm.weight', 'norm/scale', None, (d,)),
+       hf.Entry('vit.layernorm.bias', 'norm/bias', None, (d,)),
+       hf.Entry('classifier.weight', 'head/kernel', t, (num_classes, d)),
+       hf.Entry('classifier.bias', 'head/bias', None, (num_classes,))]
+  for i in range(s.depth):
     p, o = f'vit.encoder.layer.{i}.', f'block{i}/'
     for n in ('query', 'key', 'value'):
-      e += [hf.Entry(f'{p}attention.attention.{n}.weight', f'{o}{n}/kernel', qkv),
+      e += [hf.Entry(f'{p}attention.attention.{n}.weight', f'{o}{n}/kernel', qkv, (d, d)),
             hf.Entry(f'{p}attention.attention.{n}.bias', f'{o}{n}/bias',
-                     lambda b: b.reshape(heads, head_dim))]
+                     lambda b: b.reshape(heads, head_dim), (d,))]
     e += [hf.Entry(f'{p}attention.output.dense.weight', f'{o}out/kernel',
-                   lambda w: w.T.reshape(heads, head_dim, s.hidden)),
-          hf.Entry(f'{p}attention.output.dense.bias', f'{o}out/bias'),
-          hf.Entry(f'{p}layernorm_before.weight', f'{o}norm1/scale'),
-          hf.Entry(f'{p}layernorm_before.bias', f'{o}norm1/bias'),
-          hf.Entry(f'{p}layernorm_after.weight', f'{o}norm2/scale'),
-          hf.Entry(f'{p}layernorm_after.bias', f'{o}norm2/bias'),
-          hf.Entry(f'{p}intermediate.dense.weight', f'{o}mlp1/kernel', lambda w: w.T),
-          hf.Entry(f'{p}intermediate.dense.bias', f'{o}mlp1/bias'),
-          hf.Entry(f'{p}output.dense.weight', f'{o}mlp2/kernel', lambda w: w.T),
-          hf.Entry(f'{p}output.dense.bias', f'{o}mlp2/bias')]
+                   lambda w: w.T.reshape(heads, head_dim, d), (d, d)),
+          hf.Entry(f'{p}attention.output.dense.bias', f'{o}out/bias', None, (d,)),
+          hf.Entry(f'{p}layernorm_before.weight', f'{o}norm1/scale', None, (d,)),
+          hf.Entry(f'{p}layernorm_before.bias', f'{o}norm1/bias', None, (d,)),
+          hf.Entry(f'{p}layernorm_after.weight', f'{o}norm2/scale', None, (d,)),
+          hf.Entry(f'{p}layernorm_after.bias', f'{o}norm2/bias', None, (d,)),
+          hf.Entry(f'{p}intermediate.dense.weight', f'{o}mlp1/kernel', t, (s.mlp_dim, d)),
+          hf.Entry(f'{p}intermediate.dense.bias', f'{o}mlp1/bias', None, (s.mlp_dim,)),
+          hf.Entry(f'{p}output.dense.weight', f'{o}mlp2/kernel', t, (d, s.mlp_dim)),
+          hf.Entry(f'{p}output.dense.bias', f'{o}mlp2/bias', None, (d,))]
   return e
+
+
+def hf_config(model: ViT, image_size: int, channels: int = 3) -> dict[str, Any]:
+  """A Hugging Face `ViTForImageClassification` config.json for `model` (for exports)."""
+  s = model.size if isinstance(model.size, ViTSize) else vit_size(model.size)
+  return dict(architectures=['ViTForImageClassification'], model_type='vit',
+              hidden_size=s.hidden, num_hidden_layers=s.depth, num_attention_heads=s.heads,
+              intermediate_size=s.mlp_dim, patch_size=s.patch, image_size=image_size,
+              num_channels=channels, layer_norm_eps=model.layer_norm_eps, qkv_bias=True,
+              hidden_act='gelu_pytorch_tanh' if model.approximate_gelu else 'gelu',
+              hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+              id2label={str(i): f'LABEL_{i}' for i in range(model.num_classes)},
+              label2id={f'LABEL_{i}': i for i in range(model.num_classes)})
 
 
 def load_hf_vit(directory: str) -> tuple[ViT, dict[str, Any]]:
@@ -197,21 +261,17 @@ def load_hf_vit(directory: str) -> tuple[ViT, dict[str, Any]]:
   Raises:
     ValueError: for an unsupported config, or listing missing/unexpected/mis-shaped tensors.
   """
-  import json  # pylint: disable=g-import-not-at-top
   import os  # pylint: disable=g-import-not-at-top
   from lorax_jax.models import hf  # pylint: disable=g-import-not-at-top
-  with open(os.path.join(directory, 'config.json')) as f:
-    c = json.load(f)
-  if c.get('hidden_act', 'gelu') != 'gelu':
-    raise ValueError(f"hidden_act={c['hidden_act']!r}; only 'gelu' is supported.")
-  size = ViTSize(patch=c['patch_size'], hidden=c['hidden_size'], depth=c['num_hidden_layers'],
-                 heads=c['num_attention_heads'], mlp_dim=c['intermediate_size'])
-  num_classes = len(c.get('id2label') or {}) or c.get('num_labels', 2)
-  model = ViT(num_classes=num_classes, size=size, layer_norm_eps=c.get('layer_norm_eps', 1e-12),
-              approximate_gelu=False)
+  c = hf.read_config(directory)
+  if c.get('hidden_act', 'gelu') not in ('gelu', 'gelu_pytorch_tanh'):
+    raise ValueError(f"hidden_act={c['hidden_act']!r}; supported: 'gelu', 'gelu_pytorch_tanh'.")
+  size = _hf_size(c)
+  model = ViT(num_classes=_hf_num_classes(c), size=size,
+              layer_norm_eps=c.get('layer_norm_eps', 1e-12),
+              approximate_gelu=c.get('hidden_act', 'gelu') == 'gelu_pytorch_tanh')
   image = jnp.zeros((1, c['image_size'], c['image_size'], c.get('num_channels', 3)))
   abstract = jax.eval_shape(model.init, jax.random.key(0), image)['params']
   tensors = hf.load_safetensors(os.path.join(directory, 'model.safetensors'))
-  params = hf.convert(tensors, _hf_vit_mapping(size, size.depth), abstract,
-                      ignore=(r'^vit\.pooler\.',))
+  params = hf.convert(tensors, hf_mapping(c), abstract, ignore=(r'^vit\.pooler\.',))
   return model, {'params': params}
