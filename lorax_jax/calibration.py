@@ -304,15 +304,15 @@ def run(key: jax.Array, params: Any, specs: dict[str, LeafSpec], fn: Callable,
   if not isinstance(batches, (list, tuple)) and len(by_kind) > 1:
     batches = list(itertools.islice(iter(batches), num_batches))
   out = {}
-  fw = lambda p: quant.dequantize_array(flat[p]) if quant.is_quantized(flat[p]) else flat[p]
+  # LoRA-GA and CorDA are residual inits, which `adapters.init` refuses on quantized leaves.
   if 'lora_ga' in by_kind:
     grads = mean_gradients(fn, params, by_kind['lora_ga'], batches, num_batches)
     for path, s in by_kind['lora_ga'].items():
-      out[path] = (*lora_ga(fw(path), s, grads[path]), s)
+      out[path] = (*lora_ga(flat[path], s, grads[path]), s)
   if 'corda' in by_kind:
     stats, _ = input_statistics(fn, params, by_kind['corda'], batches, num_batches, what='corda')
     for path, s in by_kind['corda'].items():
-      out[path] = (*corda(fw(path), s, stats[path]), s)
+      out[path] = (*corda(flat[path], s, stats[path]), s)
   if 'eva' in by_kind:
     for path, got in eva(key, params, by_kind['eva'], fn, batches, num_batches).items():
       if got is None:

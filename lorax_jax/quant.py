@@ -361,7 +361,7 @@ def quantize(params: Any, rules: Any, **defaults) -> Any:
       from lorax_jax import inits  # pylint: disable=g-import-not-at-top
       chosen[path] = inits.quant_setting(dict(defaults), s)
   else:
-    rules = [spec_lib._as_rule(r) for r in rules]  # pylint: disable=protected-access
+    rules = [spec_lib.as_rule(r) for r in rules]
     hits = [False] * len(rules)
     for path, _, leaf in leaves:
       for i, rule in enumerate(rules):

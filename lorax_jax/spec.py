@@ -131,7 +131,8 @@ class Rule:
   optional: bool = False
 
 
-def _as_rule(rule: Any) -> Rule:
+def as_rule(rule: Any) -> Rule:
+  """A `Rule` from a `(regex, setting[, optional])` tuple (or a `Rule`)."""
   if isinstance(rule, Rule):
     return rule
   if isinstance(rule, (tuple, list)) and len(rule) in (2, 3):
@@ -356,7 +357,7 @@ def make_spec(params: Any, rules: Sequence[Any], *, fn: Callable | None = None,
   if unknown:
     raise ValueError(f'Unknown defaults {unknown}; allowed: {list(SETTING_KEYS)} and the '
                      f'variant options {sorted(_variant_options())}.')
-  rules = [_as_rule(r) for r in rules]
+  rules = [as_rule(r) for r in rules]
   compiled = []
   for rule in rules:
     try:
