@@ -227,8 +227,8 @@ def make_schedule(config) -> optax.Schedule:
 def make_optimizer(config) -> optax.GradientTransformation:
   """Warmup + cosine AdamW (LoRA+ ratio for `method='lora'`) of `config.train`."""
   t = config.train
-  return lj.optimizer(make_schedule(config), loraplus_ratio=t.loraplus_ratio if config.method == 'lora' else 1.0,
-                      weight_decay=t.weight_decay)
+  ratio = t.loraplus_ratio if config.method == 'lora' else 1.0
+  return lj.optimizer(make_schedule(config), loraplus_ratio=ratio, weight_decay=t.weight_decay)
 
 
 def initial_state(config, adapters, opt_state) -> dict[str, Any]:

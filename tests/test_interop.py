@@ -104,7 +104,8 @@ def test_lorax_to_peft_minilm_embeddings(minilm, tmp_path, variant, scaling):
   config = lj.save_peft(str(tmp_path), adapters, spec, names, params=params)
   assert set(config) == set(peft.LoraConfig(r=1).to_dict())   # every field PEFT writes
   assert config['use_rslora'] == (scaling == 'rslora') and config['use_dora'] == (variant == 'dora')
-  assert config['rank_pattern'] and config['modules_to_save'] == ['encoder.layer.5.output.LayerNorm']
+  assert config['rank_pattern']
+  assert config['modules_to_save'] == ['encoder.layer.5.output.LayerNorm']
   loaded = peft.PeftModel.from_pretrained(_hf_bert(), str(tmp_path)).eval()
   theirs = _torch_embed(loaded, ids, mask)
   base = _torch_embed(_hf_bert(), ids, mask)
@@ -140,7 +141,8 @@ def test_peft_to_lorax_minilm_embeddings(minilm, tmp_path, kind):
   spec, adapters = lj.load_peft(str(tmp_path), params, names)
   specs = lj.spec.spec_leaves(spec)
   assert specs['layer0/intermediate/kernel'].rank == 2 and specs['layer0/query/kernel'].rank == 4
-  assert specs['layer0/value/kernel'].alpha == 5 and specs['layer2/output_norm/scale'].variant == 'full'
+  assert specs['layer0/value/kernel'].alpha == 5
+  assert specs['layer2/output_norm/scale'].variant == 'full'
   assert specs['layer0/query/kernel'].scaling == ('rslora' if kind == 'rslora' else 'alpha/r')
   ours = _jax_embed(model, params, adapters, ids, mask)
   assert _rel(theirs, _torch_embed(_hf_bert(), ids, mask)) > 1e-2
@@ -156,7 +158,8 @@ def test_merged_export_loads_in_transformers_and_here(minilm, tmp_path):
   merged = lj.merge(params, adapters)
   want = _jax_embed(model, merged, {}, ids, mask)
   written = lj.export_hf(str(tmp_path), merged, names, source=bert.minilm_directory())
-  assert 'pooler.dense.weight' in written and 'encoder.layer.0.attention.self.query.weight' in written
+  assert 'pooler.dense.weight' in written
+  assert 'encoder.layer.0.attention.self.query.weight' in written
   assert os.path.exists(tmp_path / 'tokenizer.json')
   hf_model = transformers.AutoModel.from_pretrained(str(tmp_path)).eval()
   assert _rel(_torch_embed(hf_model, ids, mask), want) < 1e-4
@@ -199,8 +202,9 @@ def test_gpt2_fused_attention_both_ways(tmp_path):
   assert _rel(ours, torch_logits(loaded)) < 1e-4
   # PEFT -> lorax: one A for query, key and value.
   torch.manual_seed(1)
-  pm = peft.get_peft_model(lm(), peft.LoraConfig(r=2, lora_alpha=4, target_modules=['c_attn', 'c_fc'],
-                                                 init_lora_weights=False, fan_in_fan_out=True)).eval()
+  pm = peft.get_peft_model(lm(), peft.LoraConfig(
+      r=2, lora_alpha=4, target_modules=['c_attn', 'c_fc'], init_lora_weights=False,
+      fan_in_fan_out=True)).eval()
   pm.save_pretrained(str(tmp_path / 'in'))
   spec2, adapters2 = lj.load_peft(str(tmp_path / 'in'), params, names, module_prefix='transformer.')
   np.testing.assert_array_equal(adapters2['h0']['query']['kernel'].a,
@@ -310,7 +314,8 @@ def test_load_peft_refuses_bad_files(minilm, tmp_path):
   cases.append((d, "peft_type='LOHA' is not supported"))
   d = fresh('math')
   _edit_config(d, use_qalora=True, lora_bias=True)
-  cases.append((d, "change the math and are not supported: {'lora_bias': True, 'use_qalora': True}"))
+  cases.append((d, 'change the math and are not supported: '
+                   "{'lora_bias': True, 'use_qalora': True}"))
   d = fresh('unknown')
   _edit_config(d, shiny_new_field={'k': 1})
   cases.append((d, "unknown config fields ['shiny_new_field']"))

@@ -30,7 +30,8 @@ class Entry:
   """Where one Hugging Face tensor (or a slice of it) lives in the Flax parameters.
 
   Attributes:
-    hf_key: the tensor's name in the checkpoint (e.g. `'encoder.layer.0.attention.self.query.weight'`).
+    hf_key: the tensor's name in the checkpoint (e.g.
+      `'encoder.layer.0.attention.self.query.weight'`).
     path: the '/'-joined Flax parameter path.
     transform: HF array -> Flax array (a transpose or reshape: it may only move entries), or None.
     hf_shape: the HF tensor's shape (needed to run a transform backwards).

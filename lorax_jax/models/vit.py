@@ -169,7 +169,8 @@ def _hf_num_classes(c: dict[str, Any]) -> int:
 
 # transformers 5 renamed ViT's modules in memory (its checkpoints keep the old names), and PEFT
 # names adapters after the modules in memory.
-_V5_RENAMES = ((r'\.encoder\.layer\.', '.layers.'), (r'attention\.attention\.query', 'attention.q_proj'),
+_V5_RENAMES = ((r'\.encoder\.layer\.', '.layers.'),
+               (r'attention\.attention\.query', 'attention.q_proj'),
                (r'attention\.attention\.key', 'attention.k_proj'),
                (r'attention\.attention\.value', 'attention.v_proj'),
                (r'attention\.output\.dense', 'attention.o_proj'),
