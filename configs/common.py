@@ -60,6 +60,31 @@ def adapter(rank: int, variant: str = 'lora', init: str = 'kaiming') -> ml_colle
           dict(spec.INIT_OPTIONS.get(base_init, {}))), calibration_batches=8))
 
 
+def dynamics(name: str, rank: int, steps: int) -> ml_collections.ConfigDict:
+  """A training-time method (`lorax_jax.dynamics`) with settings scaled to a run of `steps`:
+  `name` '' (none), 'adalora' (target half the rank, budget schedule over the middle 70%),
+  'dylora', 'sora' (prune every tenth of the run), 'relora' (3 restarts), 'cola' (3 links),
+  'delta_lora'. Every factory keyword can be set as `--config.dynamics.KEY=...`.
+
+  Raises:
+    ValueError: for an unknown name (naming the allowed ones).
+  """
+  from lorax_jax import dynamics as dyn  # pylint: disable=g-import-not-at-top
+  if name and name not in dyn.names():
+    raise ValueError(f'Unknown dynamics {name!r}; allowed: {[""] + list(dyn.names())}.')
+  options = {
+      '': {},
+      'adalora': dict(target_rank=max(1, rank // 2), warmup=steps // 10, final=steps // 5,
+                      every=1, beta1=0.85, beta2=0.85, orth_weight=0.1),
+      'dylora': dict(min_rank=1, detach_lower=False),
+      'sora': dict(sparsity=1.0, every=max(1, steps // 10)),
+      'relora': dict(period=max(1, steps // 4), warmup=max(1, steps // 20), prune=0.99),
+      'cola': dict(links=3),
+      'delta_lora': dict(scale=2.0, start=0),
+  }[name]
+  return ml_collections.ConfigDict(dict(name=name, **options))
+
+
 def quant(qtype: str = '') -> ml_collections.ConfigDict:
   """The frozen base's quantization (`lorax_jax.quant`): `type` '' (float), 'nf4' (QLoRA),
   'int4' or 'int8'; blockwise types take `block_size` and `double_quant`. With `init=loftq`
@@ -106,7 +131,7 @@ SCALINGS = {'alpha/r': 'ar', 'rslora': 'rs'}
 
 def standard_sweep(add, *, quick: bool, variants, ranks, inits=(), quick_variants=(),
                    quick_ranks=(), quant: dict[str, Any] | None = None,
-                   max_rank: dict[str, int] | None = None) -> None:
+                   max_rank: dict[str, int] | None = None, dynamics=()) -> None:
   """The grid every config sweeps: full fine-tuning and head-only baselines; every variant x
   rank x scaling mode (alpha/r, rsLoRA) with plain LoRA's single learning rate; LoRA+ (lambda
   16) per rank; each weight-aware init per rank; QLoRA (an NF4 base) per rank.
@@ -117,6 +142,8 @@ def standard_sweep(add, *, quick: bool, variants, ranks, inits=(), quick_variant
   `add(name, arg, **overrides)` declares one trial: its config is `get_config(arg)` with dotted
   `overrides` applied. `max_rank` caps the ranks of a variant or init whose rank is bounded by
   more than the layer's size (LoKr by its Kronecker factor, LoRA-GA's 2r directions).
+  `dynamics` adds each training-time method (AdaLoRA, ReLoRA, ...) per rank, for configs that
+  take a `dynamics=` argument.
   """
   cap = lambda name: [r for r in ranks if r <= (max_rank or {}).get(name, r)]
   add('full', 'method=full')
@@ -142,3 +169,5 @@ def standard_sweep(add, *, quick: bool, variants, ranks, inits=(), quick_variant
       else:
         add(f'{init}_r{r}', f'init={init},rank={r}', **plain)
     add(f'qlora_r{r}', f'quant=nf4,rank={r}', **plain, **q)
+    for d in dynamics:
+      add(f'{d}_r{r}', f'dynamics={d},rank={r}', **plain)

@@ -70,10 +70,11 @@ def name_map(config, task: tasks.Task) -> tuple[list[hf.Entry], dict[str, Any]]:
 
 
 def restore(config, workdir: str):
-  """The run's base, spec and latest adapters: `(task, base, params, spec, adapters, step)`,
-  with `base` the original base and `params` the one the returned adapters apply to (the
-  original base for adapters converted from a residual init, else the trained-on base, e.g. an
-  NF4-quantized one).
+  """The run's base, spec and latest adapters:
+  `(task, base, params, spec, adapters, step)`, with `base` the original base (the
+  trained one for dynamics that change it: ReLoRA, COLA, Delta-LoRA) and `params` the one the
+  returned adapters apply to (the original base for adapters converted from a residual init,
+  else the trained-on base, e.g. an NF4-quantized one).
 
   Raises:
     ValueError: if `workdir` has no checkpoint, or one of another config or base.
@@ -82,7 +83,7 @@ def restore(config, workdir: str):
   base, base_path, _ = train.obtain_base(config, task)
   spec, params, initial = train.adapt(config, task, base)
   tx = train.make_optimizer(config)
-  target = train.initial_state(config, initial, tx.init(initial))
+  dyn = train.make_dynamics(config)
   ckpts = ckpt_lib.Checkpoints(os.path.join(workdir, 'checkpoints'))
   try:
     meta = ckpts.latest_metadata()
@@ -93,9 +94,18 @@ def restore(config, workdir: str):
     if meta.get('config') != want['config'] or meta.get('base') != want['base']:
       raise ValueError(f'The checkpoint in {ckpts.directory} was written by another config or '
                        f'base ({meta}); expected {want}. Pass the run\'s --config.')
+    # Adapters a dynamics resized (SoRA), statistics, and a base it changed (ReLoRA, COLA,
+    # Delta-LoRA) are part of the checkpoint.
+    initial = train.resize_to(initial, meta.get('ranks') or {})
+    changes_base = dyn is not None and dyn.changes_base
+    target = train.initial_state(config, initial, tx.init(initial),
+                                 dyn.init(params, initial) if dyn is not None else (),
+                                 params if changes_base else None)
     step, state, _ = ckpts.restore_latest(target)
   finally:
     ckpts.close()
+  if changes_base:
+    base = params = state['params']
   residual = any(s.init in lj.inits.RESIDUAL for s in lj.spec.spec_leaves(spec).values())
   adapters = lj.to_lora(state['adapters'], initial)
   spec = jax.tree_util.tree_map(lambda a: a.spec, adapters, is_leaf=lj.adapters.is_adapter)
@@ -108,6 +118,8 @@ def export(config, workdir: str, out: str, *, merged: bool = False) -> dict[str,
   if config.method != 'lora':
     raise ValueError(f"method={config.method!r}: only 'lora' runs have adapters to export.")
   task, base, params, spec, adapters, step = restore(config, workdir)
+  dyn = train.make_dynamics(config)
+  base_changed = dyn is not None and dyn.changes_base
   names, info = name_map(config, task)
   peft_config = lj.save_peft(os.path.join(out, 'peft'), adapters, spec, names, params=base,
                              exclude=info['exclude'], base_model_name_or_path=info['base_id'])
@@ -117,8 +129,9 @@ def export(config, workdir: str, out: str, *, merged: bool = False) -> dict[str,
                  left_out=sorted(p for p in lj.spec.spec_leaves(spec)
                                  if any(re.search(rx, p)
                                         for rx in info['exclude'])))
-  if info['source'] is None:
-    lj.export_hf(os.path.join(out, 'base'), base, names, config=info['config'])
+  if info['source'] is None or base_changed:   # a base trained here (or changed by training)
+    lj.export_hf(os.path.join(out, 'base'), base, names, config=info['config'],
+                 source=info['source'])
     written['base'] = os.path.join(out, 'base')
   if merged:
     lj.export_hf(os.path.join(out, 'merged'), lj.merge(params, adapters), names,

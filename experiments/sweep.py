@@ -209,8 +209,8 @@ def _base_dir(config_path, arg, workdir):
 
 
 COLUMNS = ('name', 'status', 'method', 'variant', 'rank', 'alpha', 'scaling', 'init', 'quant',
-           'loraplus_ratio', 'trainable_params', 'trainable_fraction', 'metric', 'final',
-           'base', 'step_ms', 'step_memory_mib')
+           'dynamics', 'loraplus_ratio', 'trainable_params', 'trainable_fraction', 'metric',
+           'final', 'base', 'step_ms', 'step_memory_mib')
 
 
 def gather(config_path: str, arg: str | None, workdir: str,
@@ -233,6 +233,7 @@ def gather(config_path: str, arg: str | None, workdir: str,
         row.update(variant=a.get('variant'), rank=a.get('rank'), alpha=a.get('alpha'),
                    scaling=a.get('scaling'), init=a.get('init'),
                    quant=(c.get('quant') or {}).get('type') or '',
+                   dynamics=(c.get('dynamics') or {}).get('name') or '',
                    loraplus_ratio=c.get('train', {}).get('loraplus_ratio'))
     if status == 'done':
       with open(res_path) as f:

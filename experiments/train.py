@@ -86,6 +86,18 @@ def _check(config):
   if not 0 <= config.train.warmup_steps < config.train.steps:
     raise ValueError(f'train.warmup_steps={config.train.warmup_steps} must be in '
                      f'[0, train.steps={config.train.steps}).')
+  dyn = make_dynamics(config)   # its settings are checked here, before anything runs
+  if dyn is not None and config.method != 'lora':
+    raise ValueError(f'dynamics {dyn.name!r} needs method=\'lora\'; got {config.method!r}.')
+  variant = lj.dynamics.VARIANT.get(dyn.name) if dyn is not None else None
+  if variant and config.get('adapter') and not config.get('rules') and (
+      config.adapter.variant != variant):
+    raise ValueError(f'dynamics {dyn.name!r} trains variant {variant!r}; the config has '
+                     f'adapter.variant={config.adapter.variant!r}.')
+  if dyn is not None and dyn.name == 'adalora' and not config.get('rules') and (
+      config.dynamics.target_rank > config.adapter.rank):
+    raise ValueError(f'adalora: target_rank={config.dynamics.target_rank} is above the initial '
+                     f'rank {config.adapter.rank} (adapter.rank): the budget can only shrink.')
 
 
 def _host(x) -> float:
@@ -103,13 +115,17 @@ def _math_config(config) -> dict[str, Any]:
   return d
 
 
-def _memory(compiled) -> dict[str, int]:
-  """XLA's compiled memory of the train step, bytes per device."""
+def _memory(compiled) -> dict[str, Any]:
+  """XLA's compiled memory (bytes per device) and FLOP count of the train step."""
   m = compiled.memory_analysis()
   get = lambda f: int(getattr(m, f, 0) or 0)
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else {}
   return dict(step_temp_bytes=get('temp_size_in_bytes'),
               step_memory_bytes=get('argument_size_in_bytes') + get('output_size_in_bytes') +
-              get('temp_size_in_bytes') - get('alias_size_in_bytes'))
+              get('temp_size_in_bytes') - get('alias_size_in_bytes'),
+              step_flops=float((cost or {}).get('flops', 0.0)))
 
 
 def _sharding_rules(config):
@@ -218,10 +234,36 @@ def adapt(config, task: tasks.Task, params):
   return spec, params, adapters
 
 
-def make_schedule(config) -> optax.Schedule:
+def _base_schedule(config) -> optax.Schedule:
   t = config.train
   return optax.warmup_cosine_decay_schedule(0.0, t.learning_rate, t.warmup_steps, t.steps,
                                             end_value=0.1 * t.learning_rate)
+
+
+def make_dynamics(config) -> lj.dynamics.Dynamics | None:
+  """The training-time method of `config.dynamics` (`name` and the factory's options; the
+  run's length, learning-rate schedule and seed are filled in), or None.
+
+  Raises:
+    ValueError: for an unknown method or bad settings (a target budget above the initial rank,
+      a restart period of 0, a schedule that ends after training...).
+  """
+  d = config.get('dynamics')
+  if not d or not d.get('name'):
+    return None
+  options = {k: v for k, v in d.to_dict().items() if k != 'name'}
+  return lj.dynamics.get(d.name, total_steps=config.train.steps,
+                         learning_rate=_base_schedule(config), seed=config.seed, **options)
+
+
+def make_schedule(config) -> optax.Schedule:
+  """Warmup + cosine decay (to 10%), reshaped by the dynamics that need it (ReLoRA's jagged
+  restarts)."""
+  schedule = _base_schedule(config)
+  dyn = make_dynamics(config)
+  if dyn is not None and dyn.learning_rate is not None:
+    schedule = dyn.learning_rate(schedule)
+  return schedule
 
 
 def make_optimizer(config) -> optax.GradientTransformation:
@@ -231,16 +273,47 @@ def make_optimizer(config) -> optax.GradientTransformation:
   return lj.optimizer(make_schedule(config), loraplus_ratio=ratio, weight_decay=t.weight_decay)
 
 
-def initial_state(config, adapters, opt_state) -> dict[str, Any]:
-  """The checkpointed training state at step 0."""
-  return {'adapters': adapters, 'opt_state': opt_state, 'step': jnp.int32(0),
-          'rng': jax.random.key_data(jax.random.key(config.seed))}
+def initial_state(config, adapters, opt_state, stats=(), params=None) -> dict[str, Any]:
+  """The checkpointed training state at step 0: adapters, optimizer state, step and rng, plus
+  the dynamics' statistics (when it keeps some) and the base (when it changes it)."""
+  state = {'adapters': adapters, 'opt_state': opt_state, 'step': jnp.int32(0),
+           'rng': jax.random.key_data(jax.random.key(config.seed))}
+  if jax.tree_util.tree_leaves(stats):
+    state['stats'] = stats
+  if params is not None:
+    state['params'] = params
+  return state
 
 
 def checkpoint_metadata(config, base_path: str) -> dict[str, Any]:
   """What a checkpoint records to refuse restoring into another config or base."""
   return dict(config=_digest(_math_config(config)), base=os.path.basename(base_path),
               method=config.method)
+
+
+def resized_ranks(adapters, spec) -> dict[str, int]:
+  """`{path: rank}` of the adapters a dynamics really resized (SoRA's pruning); checkpoint
+  metadata, so that a resumed run rebuilds the shapes before restoring."""
+  specs = lj.spec.spec_leaves(spec)
+  return {p: a.spec.rank for p, a in lj.paths.flat(adapters, lj.adapters.is_adapter).items()
+          if not isinstance(a, lj.FullParams) and a.spec.rank != specs[p].rank}
+
+
+def resize_to(adapters, ranks: dict[str, int]):
+  """The initial adapters cut to the checkpoint's `ranks` (shapes for restoring into)."""
+  if not ranks:
+    return adapters
+  return lj.dynamics.resize(adapters, {p: np.arange(r) for p, r in ranks.items()})
+
+
+def _update_rank(initial, params, adapters) -> float | None:
+  """Mean numerical rank of the adapted matrices' total update (None across processes)."""
+  leaves = jax.tree_util.tree_leaves((initial, params, adapters))
+  if not all(getattr(x, 'is_fully_addressable', True) for x in leaves):
+    return None
+  ranks = lj.dynamics.update_ranks(initial, params, adapters)
+  flat = [r for v in ranks.values() for r in (v if isinstance(v, list) else [v])]
+  return float(np.mean(flat)) if flat else None
 
 
 def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
@@ -251,6 +324,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
       becomes NaN or infinite (the message names the step; the last good checkpoint is kept).
   """
   _check(config)
+  dyn = make_dynamics(config)
   task = tasks.make_task(config)
   model = task.model
   t_start = time.time()
@@ -260,15 +334,18 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   params, base_path, pretrained_now = obtain_base(config, task)
 
   spec, params, adapters = adapt(config, task, params)
+  if dyn is not None:
+    dyn.check(spec, params)
   n_trainable = lj.count_params(adapters)
   n_total = sum(int(np.prod(np.shape(l))) for _, _, l in lj.paths.leaves_with_paths(params))
+  changes_base = dyn is not None and dyn.changes_base
+  # The base before training, for the rank of the whole update of methods that change it.
+  initial_base = jax.device_get(params) if changes_base else None
 
   # Placement: the frozen base by the config's rules, adapters and optimizer state derived.
   mesh = sharding_lib.make_mesh(config.get('mesh') or {})
   base_sh = sharding_lib.param_shardings(params, mesh, _sharding_rules(config))
-  adapter_sh = sharding_lib.adapter_shardings(adapters, base_sh)
   params = sharding_lib.place(params, base_sh)
-  adapters = sharding_lib.place(adapters, adapter_sh)
   replicated = sharding_lib.replicated(mesh)
 
   apply = lj.lora(model.apply)
@@ -279,13 +356,21 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     inputs, targets = batch
     return task.loss(apply(joined, *inputs, lora_rng=rng), targets)
 
-  opt_sh = sharding_lib.like_params(jax.eval_shape(tx.init, adapters), adapters, adapter_sh,
-                                    mesh=mesh)
-  opt_state = jax.jit(tx.init, out_shardings=opt_sh)(adapters)
+  def shardings_of(adapters):
+    """Adapters, optimizer state and statistics shardings (derived from the base's)."""
+    adapter_sh = sharding_lib.adapter_shardings(adapters, base_sh)
+    opt_sh = sharding_lib.like_params(jax.eval_shape(tx.init, adapters), adapters, adapter_sh,
+                                      mesh=mesh)
+    stats = jax.eval_shape(dyn.init, params, adapters) if dyn is not None else ()
+    stats_sh = sharding_lib.like_params(stats, adapters, adapter_sh, mesh=mesh)
+    return lj.dynamics.TrainState(replicated, base_sh, adapter_sh, opt_sh, stats_sh)
+
   batch_sh = jax.tree_util.tree_map(lambda x: sharding_lib.batch_sharding(mesh, np.ndim(x)),
                                     task.train_batch(0))
-  step_fn = lj.make_train_step(loss_fn, tx, shardings=sharding_lib.TrainShardings(
-      base_sh, adapter_sh, opt_sh, batch_sh, mesh))
+
+  def build_step(state_sh):
+    return lj.dynamics.make_step(loss_fn, tx, dyn, shardings=(state_sh, batch_sh, replicated))
+
   all_finite = jax.jit(lambda tree: jnp.all(jnp.stack(
       [jnp.all(jnp.isfinite(l)) for l in jax.tree_util.tree_leaves(tree)])),
                        out_shardings=replicated)
@@ -299,9 +384,6 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     return {k: _host(metric(p, a, *v)) for k, v in eval_sets.items()}
 
   key = jax.random.key(config.seed)
-  state = initial_state(config, adapters, opt_state)
-  state = {**state, **sharding_lib.place({'step': state['step'], 'rng': state['rng']},
-                                         {'step': replicated, 'rng': replicated})}
   metadata = checkpoint_metadata(config, base_path)
   ckpts = ckpt_lib.Checkpoints(os.path.join(workdir, 'checkpoints'), t.checkpoint_every,
                                t.max_to_keep)
@@ -314,50 +396,103 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
                      f'base ({meta}); expected {metadata}. Use a new workdir.')
   # The model at step 0 (the base, or the residual base plus the initial adapters of a
   # weight-aware init, which equals it; a quantized base as quantized).
-  start_metrics = evaluate(params, adapters)
-  restored = ckpts.restore_latest(state)
+  start_metrics = evaluate(params, sharding_lib.place(
+      adapters, sharding_lib.adapter_shardings(adapters, base_sh)))
+  # A run whose adapters were really resized (SoRA) restores into the resized shapes.
+  adapters = resize_to(adapters, (meta or {}).get('ranks') or {})
+  state_sh = shardings_of(adapters)
+  adapters = sharding_lib.place(adapters, state_sh.adapters)
+  opt_state = jax.jit(tx.init, out_shardings=state_sh.opt_state)(adapters)
+  stats = (jax.jit(dyn.init, out_shardings=state_sh.stats)(params, adapters)
+           if dyn is not None else ())
+  ckpt_state = initial_state(config, adapters, opt_state, stats,
+                             params if changes_base else None)
+  ckpt_state = {**ckpt_state, **sharding_lib.place(
+      {'step': ckpt_state['step'], 'rng': ckpt_state['rng']},
+      {'step': replicated, 'rng': replicated})}
+  restored = ckpts.restore_latest(ckpt_state)
   if restored is not None:
-    start, state, _ = restored
+    start, ckpt_state, _ = restored
     logging.info('Resuming from step %d.', start)
 
   writer = metrics_lib.MetricWriter(workdir, enabled=jax.process_index() == 0,
                                     resume_step=start)
   progress = metrics_lib.Progress(t.steps, start, enabled=jax.process_index() == 0)
-  adapters, opt_state = state['adapters'], state['opt_state']
+  state = lj.dynamics.TrainState(
+      sharding_lib.place(np.int32(start), replicated),
+      ckpt_state.get('params', params), ckpt_state['adapters'], ckpt_state['opt_state'],
+      ckpt_state.get('stats', ()))
+  step_fn = build_step(state_sh)
   step_times = []
+  reshaped_at = []
   compiled = None
   for step in range(start, t.steps):
     t0 = time.time()
     batch = sharding_lib.global_batch(sharding_lib.process_rows(task.train_batch(step)), mesh)
     rng = jax.random.fold_in(key, step)
-    if compiled is None:   # compiled once; XLA's memory figures go to results.json
-      compiled = step_fn.lower(params, adapters, opt_state, batch, rng).compile()
-      step_memory = _memory(compiled)
-    adapters, opt_state, loss = compiled(params, adapters, opt_state, batch, rng)
+    if compiled is None:   # compiled once (again only when a dynamics changes shapes)
+      compiled = step_fn.lower(state, batch, rng).compile()
+      if not step_times and not reshaped_at:
+        step_memory = _memory(compiled)   # XLA's memory figures go to results.json
+    state, loss = compiled(*state, batch, rng)
     loss = _host(loss)
-    step_times.append(time.time() - t0)
     if not np.isfinite(loss):
       ckpts.close()
       raise ValueError(f'Loss became {loss} at step {step + 1}; training stopped. The last good '
                        f'checkpoint (step {max(ckpts.steps(), default=0)}) is kept in '
                        f'{ckpts.directory}.')
     done = step + 1
+    state, reshaped = lj.dynamics.apply_schedule(dyn, done, state, tx)
+    step_times.append(time.time() - t0)   # the step and the method's schedule
+    if reshaped:
+      # New shapes (SoRA's pruning): re-derive shardings, place, and recompile the step.
+      state_sh = shardings_of(state.adapters)
+      state = state._replace(
+          adapters=sharding_lib.place(state.adapters, state_sh.adapters),
+          opt_state=sharding_lib.place(state.opt_state, state_sh.opt_state),
+          stats=sharding_lib.place(state.stats, state_sh.stats))
+      step_fn, compiled = build_step(state_sh), None
+      reshaped_at.append(done)
+      logging.info('Step %d: %s changed the adapter shapes (%s); the step recompiles.', done,
+                   dyn.name, resized_ranks(state.adapters, spec))
+      writer.write(done, {'recompiled': 1.0,
+                          'trainable_params': float(lj.count_params(state.adapters))})
     if done % t.log_every == 0 or done == t.steps:
       writer.write(done, {'loss': loss, 'learning_rate': float(schedule(step))})
       progress.update(done, loss=loss)
     if done % t.eval_every == 0 or done == t.steps:
-      writer.write(done, {first: _host(metric(params, adapters, *eval_sets[first]))})
-    if (done % t.checkpoint_every == 0 or done == t.steps) and not _host(all_finite(adapters)):
+      writer.write(done, {first: _host(metric(state.params, state.adapters,
+                                              *eval_sets[first]))})
+    if (done % t.checkpoint_every == 0 or done == t.steps) and not _host(
+        all_finite(state.adapters)):
       ckpts.close()
       raise ValueError(f'Adapters became NaN or infinite at step {done}; training stopped. The '
                        f'last good checkpoint (step {max(ckpts.steps(), default=0)}) is kept in '
                        f'{ckpts.directory}.')
-    ckpts.save(done, {'adapters': adapters, 'opt_state': opt_state,
-                      'step': sharding_lib.place(np.int32(done), replicated),
-                      'rng': state['rng']}, metadata, force=done == t.steps)
+    ckpts.save(done, initial_state(config, state.adapters, state.opt_state, state.stats,
+                                   state.params if changes_base else None) | {
+                                       'step': state.step, 'rng': ckpt_state['rng']},
+               {**metadata, 'ranks': resized_ranks(state.adapters, spec)},
+               force=done == t.steps)
   ckpts.close()
   progress.close()
 
+  params, adapters = state.params, state.adapters
+  extra = {}
+  if dyn is not None:
+    extra['dynamics'] = dyn.name
+    extra.update(dyn.report(state))
+    extra['trainable_params_final'] = lj.count_params(adapters)
+    extra['reshaped_at'] = reshaped_at
+    if dyn.name == 'dylora':   # usable at every rank: the metric of each truncation
+      r_max = max(a.spec.rank for a in lj.paths.flat(adapters, lj.adapters.is_adapter).values()
+                  if isinstance(a, lj.LoraParams))
+      extra[f'{first}_by_rank'] = {
+          str(r): _host(metric(params, lj.dynamics.truncate(adapters, r), *eval_sets[first]))
+          for r in range(1, r_max + 1)}
+  if config.method == 'lora':
+    extra['effective_rank'] = _update_rank(
+        initial_base if changes_base else params, params, adapters)
   results = dict(
       task=config.task, method=config.method, model=config.model.name, metric=first,
       **{f'base_{k}': v for k, v in start_metrics.items()},
@@ -366,7 +501,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
       trainable_fraction=n_trainable / n_total, steps=t.steps, resumed_from=start,
       base_pretrained_now=pretrained_now,
       step_seconds=float(np.median(step_times)) if step_times else None,
-      **(step_memory if compiled is not None else {}),
+      **(step_memory if step_times else {}), **extra,
       seconds=time.time() - t_start)
   writer.write(t.steps, {f'final_{first}': results[first]})
   writer.close()
@@ -384,6 +519,21 @@ def summary(results: dict[str, Any]) -> str:
     lines.append(f'  {name:<28} base {r["base_" + name]:.4f} -> adapted {r[name]:.4f}')
   lines.append(f'  trainable parameters: {r["trainable_params"]:,} of {r["total_params"]:,} '
                f'({100 * r["trainable_fraction"]:.2f}%)')
+  if r.get('dynamics'):
+    lines.append(f'  dynamics: {r["dynamics"]}' + (
+        f'; adapter shapes changed after steps {r["reshaped_at"]} (the step recompiled)'
+        if r.get('reshaped_at') else ''))
+    if 'total_rank' in r:
+      target = f' (target {r["target_total_rank"]})' if 'target_total_rank' in r else ''
+      lines.append(f'  total rank {r["total_rank"]}{target}; per layer: ' + ', '.join(
+          f'{p.removeprefix("params/")}={v}' for p, v in r['rank_allocation'].items()))
+    by_rank = r.get(f'{r["metric"]}_by_rank')
+    if by_rank:
+      lines.append(f'  {r["metric"]} by rank: ' + ', '.join(f'{k}: {v:.4f}'
+                                                          for k, v in by_rank.items()))
+  if r.get('effective_rank') is not None:
+    lines.append(f'  effective rank of the update (mean over matrices): '
+                 f'{r["effective_rank"]:.2f}')
   lines.append(f'  time: {r["seconds"]:.1f} s' + (
       f' (resumed from step {r["resumed_from"]})' if r['resumed_from'] else ''))
   return '\n'.join(lines)

@@ -7,26 +7,32 @@
     save_peft(dir, adapters, spec, name_map)        # Hugging Face PEFT files (and load_peft)
 
     qparams = quantize(params, spec)                # QLoRA: an NF4 base, dequantized on use
+    dynamics.relora(period=200, total_steps=1000)   # AdaLoRA, DyLoRA, SoRA, ReLoRA, COLA,
+                                                    # Delta-LoRA: hooks in the training loop
 """
 
-from lorax_jax import adapters, calibration, inits, interop, paths, quant, variants  # noqa: F401
+from lorax_jax import adapters, calibration, dynamics, inits, interop, paths, quant  # noqa: F401
+from lorax_jax import variants  # noqa: F401
 from lorax_jax.inits import to_lora
 from lorax_jax.adapters import Adapted, count_params, init, join, merge, split, unmerge
 from lorax_jax.interop import export_hf, load_peft, save_peft
+from lorax_jax.dynamics import Dynamics, TrainState
 from lorax_jax.interpreter import MaterializeError, MaterializeWarning, lora
 from lorax_jax.quant import QuantizedArray, dequantize, quantize
 from lorax_jax.spec import LeafSpec, Rule, dense_kernels, make_spec, summary
 from lorax_jax.training import labels, make_train_step, optimizer
 from lorax_jax.usage import infer_axes
-from lorax_jax.variants import (DoraParams, Factored, FullParams, LohaParams, LokrParams,
-                                LoraFaParams, LoraParams, LoraXsParams, NolaParams,
-                                TiedLoraParams, Variant, VeraParams, register)
+from lorax_jax.variants import (AdaloraParams, DoraParams, Factored, FullParams, LohaParams,
+                                LokrParams, LoraFaParams, LoraParams, LoraXsParams, NolaParams,
+                                SoraParams, TiedLoraParams, Variant, VeraParams, register)
 
 __version__ = '0.1.0'
 
 __all__ = [
+    'AdaloraParams',
     'Adapted',
     'DoraParams',
+    'Dynamics',
     'Factored',
     'FullParams',
     'LeafSpec',
@@ -40,7 +46,9 @@ __all__ = [
     'NolaParams',
     'QuantizedArray',
     'Rule',
+    'SoraParams',
     'TiedLoraParams',
+    'TrainState',
     'Variant',
     'VeraParams',
     'count_params',

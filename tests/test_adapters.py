@@ -91,6 +91,7 @@ def test_variant_without_factored_form_materializes_silently_in_strict_mode():
 def test_registry_errors():
   with pytest.raises(ValueError, match=re.escape("Variant 'lora' is already registered")):
     variants.register('lora', variants.lora)
-  allowed = "['dora', 'loha', 'lokr', 'lora', 'lora_fa', 'lora_xs', 'nola', 'tied_lora', 'vera']"
+  allowed = ("['adalora', 'dora', 'loha', 'lokr', 'lora', 'lora_fa', 'lora_xs', 'nola', 'sora', "
+             "'tied_lora', 'vera']")
   with pytest.raises(ValueError, match=re.escape(f"Unknown variant 'nope'; allowed: {allowed}")):
     variants.get('nope')

@@ -86,3 +86,17 @@ def test_quant_init_benchmark_passes_its_claims():
   assert 'iters=3' in rows and 'lower' in rows['iters=3']
   assert float(rows['nf4'][2]) < float(rows['int4'][2])     # NF4 beats int4 on Gaussians
   assert float(rows['nf4-base'][2]) < 0.3                  # kernel bytes x bf16
+
+
+def test_rank_dynamics_benchmark_checks_its_claims(tmp_path):
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  env['LORAX_JAX_CACHE'] = str(tmp_path / 'bases')
+  proc = subprocess.run(
+      [sys.executable, '-m', 'experiments.benchmarks.rank_dynamics', '--quick', '--steps', '8',
+       '--rank', '2', '--model', 'cnn', '--methods', 'lora,relora',
+       '--runs_dir', str(tmp_path / 'runs')],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  rows = {l.split()[0]: l.split() for l in proc.stdout.splitlines() if l.split()}
+  assert rows['lora'][2] == '2.00' and float(rows['relora'][2]) > 2   # effective rank
+  assert float(rows['relora'][10]) <= 1.5                              # step memory x LoRA

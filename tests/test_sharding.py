@@ -141,6 +141,8 @@ def _expected(variant, bt, i, o):
       'lora_xs': {'core': bt + (None, None), 'a': a, 'b': b},
       'tied_lora': {'a': (i, None), 'b': (None, o), 'u': bt + (o,), 'v': bt + (None,)},
       'nola': {'alpha': bt + (None,), 'beta': bt + (None,)},
+      'adalora': {'p': a, 'lam': bt + (None,), 'q': b, 'mask': bt + (None,)},
+      'sora': {'a': a, 'b': b, 'gate': bt + (None,)},
   }[variant]
 
 

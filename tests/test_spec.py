@@ -156,8 +156,8 @@ BAD = [
                                          'must be an int in [1, 16]'),
     ([('mlp/kernel', {'rank': 2.5})], {}, 'rank=2.5'),
     ([('mlp/kernel', {'variant': 'lorra'})], {},
-     "Unknown variant 'lorra' for 'params/mlp/kernel'; allowed: ['dora', 'full', 'loha', "
-     "'lokr', 'lora', 'lora_fa', 'lora_xs', 'nola', 'tied_lora', 'vera']"),
+     "Unknown variant 'lorra' for 'params/mlp/kernel'; allowed: ['adalora', 'dora', 'full', "
+     "'loha', 'lokr', 'lora', 'lora_fa', 'lora_xs', 'nola', 'sora', 'tied_lora', 'vera']"),
     ([('mlp/kernel', {'scaling': 'sqrt'})], {},
      "Unknown scaling 'sqrt' for 'params/mlp/kernel'; allowed: ['alpha/r', 'rslora', 'constant']"),
     ([('mlp/kernel', {'init': 'zeros'})], {}, "Unknown init 'zeros'"),

@@ -174,11 +174,13 @@ def test_bad_config_values(tmp_path, arg, message):
 
 
 @pytest.mark.parametrize('arg,message', [
-    ('quick,rnak=3', "Unknown config argument 'rnak'; allowed: ['init', 'method', 'model', "
-                     "'quant', 'quick', 'rank', 'variant']"),
+    ('quick,rnak=3', "Unknown config argument 'rnak'; allowed: ['dynamics', 'init', 'method', "
+                     "'model', 'quant', 'quick', 'rank', 'variant']"),
+    ('dynamics=magic', "Unknown dynamics 'magic'; allowed: ['', 'adalora', 'dylora', 'sora', "
+                       "'relora', 'cola', 'delta_lora']"),
     ('quant=fp3', "Unknown quant 'fp3'; allowed: ['', 'nf4', 'int4', 'int8']"),
     ('init=svd', "Unknown init 'svd'; allowed: ['kaiming',"),
-    ('variant=dorra', "Unknown variant 'dorra'; allowed: ['dora',"),
+    ('variant=dorra', "Unknown variant 'dorra'; allowed: ['adalora', 'dora',"),
     ('rank=three', "Config argument rank='three' is not a int"),
     ('model', "Config argument 'model' needs a value"),
 ])

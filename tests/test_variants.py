@@ -39,6 +39,7 @@ TRAINABLE = {
     'dora': ('a', 'b', 'magnitude'), 'vera': ('d', 'b'), 'lora_fa': ('b',),
     'loha': ('a1', 'b1', 'a2', 'b2'), 'lokr': ('c', 'a', 'b'), 'lora_xs': ('core',),
     'tied_lora': ('a', 'b', 'u', 'v'), 'nola': ('alpha', 'beta'),
+    'adalora': ('p', 'lam', 'q'), 'sora': ('a', 'b', 'gate'),
 }
 
 
@@ -62,6 +63,8 @@ def expected_count(variant: str, stack: int, d_in: int, d_out: int, spec) -> int
     return stack * (R + d_out) + R * (d_in + d_out)
   if variant == 'nola':
     return stack * 2 * spec.opt('num_basis')
+  if variant in ('adalora', 'sora'):    # P, lambda, Q / A, gate, B
+    return stack * R * (d_in + d_out + 1)
   raise AssertionError(variant)
 
 
@@ -260,6 +263,33 @@ def test_formula_tied_lora():
   w, p, merged = _dense_setup('tied_lora')
   ref = w + p.spec.scale * (_np(p.a) * _np(p.v)[None]) @ (_np(p.b) * _np(p.u)[None])
   np.testing.assert_allclose(merged, ref, rtol=1e-12)
+
+
+def test_formula_adalora():
+  w, p, merged = _dense_setup('adalora')
+  lam = _np(p.lam) * _np(p.mask)     # the mask is random here: pruned ranks count as lam = 0
+  np.testing.assert_allclose(merged - w, p.spec.scale * (_np(p.p) * lam) @ _np(p.q), rtol=1e-12)
+  assert p.spec.scale == 5.0 / 3
+
+
+def test_formula_sora():
+  w, p, merged = _dense_setup('sora')
+  np.testing.assert_allclose(merged - w, p.spec.scale * (_np(p.a) * _np(p.gate)) @ _np(p.b),
+                             rtol=1e-12)
+
+
+def test_adalora_and_sora_inits():
+  params = {'w': jax.random.normal(jax.random.key(0), (64, 48))}
+  spec = lj.make_spec(params, [('w', {'variant': 'adalora', 'rank': 8})])
+  _, ad = lj.init(jax.random.key(1), params, spec)
+  ad = ad['w']   # PEFT: lambda = 0, P and Q ~ N(0, 0.02^2), nothing masked
+  assert not np.any(np.asarray(ad.lam)) and np.all(np.asarray(ad.mask) == 1)
+  assert abs(float(jnp.std(ad.p)) - 0.02) < 3e-3 and abs(float(jnp.std(ad.q)) - 0.02) < 3e-3
+  spec = lj.make_spec(params, [('w', {'variant': 'sora', 'rank': 48})])
+  _, ad = lj.init(jax.random.key(1), params, spec)
+  ad = ad['w']   # SoRA: B = 0, gate ~ N(0, 1), A as LoRA (Kaiming uniform)
+  assert not np.any(np.asarray(ad.b)) and 0.7 < float(jnp.std(ad.gate)) < 1.3
+  assert float(jnp.max(jnp.abs(ad.a))) <= 1 / math.sqrt(64)
 
 
 def test_formula_nola():

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Callable
 
 from lorax_jax.variants import base  # noqa: F401  (variants.base)
+from lorax_jax.variants.adalora import AdaloraParams, adalora
 from lorax_jax.variants.base import Factored, FullParams, Tie, Variant
 from lorax_jax.variants.dora import DoraParams, dora
 from lorax_jax.variants.loha import LohaParams, loha
@@ -16,6 +17,7 @@ from lorax_jax.variants.lora import LoraParams, lora
 from lorax_jax.variants.lora_fa import LoraFaParams, lora_fa, lora_fa_preconditioner
 from lorax_jax.variants.lora_xs import LoraXsParams, lora_xs
 from lorax_jax.variants.nola import NolaParams, nola
+from lorax_jax.variants.sora import SoraParams, sora
 from lorax_jax.variants.tied_lora import TiedLoraParams, tied_lora
 from lorax_jax.variants.vera import VeraParams, vera
 
@@ -29,6 +31,8 @@ _FACTORIES: dict[str, Callable[[], Variant]] = {
     'lora_xs': lora_xs,
     'tied_lora': tied_lora,
     'nola': nola,
+    'adalora': adalora,
+    'sora': sora,
 }
 _CACHE: dict[str, Variant] = {}
 
@@ -54,8 +58,9 @@ def get(name: str) -> Variant:
 
 
 __all__ = [
-    'DoraParams', 'Factored', 'FullParams', 'LohaParams', 'LokrParams', 'LoraFaParams',
-    'LoraParams', 'LoraXsParams', 'NolaParams', 'Tie', 'TiedLoraParams', 'Variant', 'VeraParams',
-    'dora', 'get', 'loha', 'lokr', 'lora', 'lora_fa', 'lora_fa_preconditioner', 'lora_xs',
-    'names', 'nola', 'register', 'tied_lora', 'vera',
+    'AdaloraParams', 'DoraParams', 'Factored', 'FullParams', 'LohaParams', 'LokrParams',
+    'LoraFaParams', 'LoraParams', 'LoraXsParams', 'NolaParams', 'SoraParams', 'Tie',
+    'TiedLoraParams', 'Variant', 'VeraParams',
+    'adalora', 'dora', 'get', 'loha', 'lokr', 'lora', 'lora_fa', 'lora_fa_preconditioner',
+    'lora_xs', 'names', 'nola', 'register', 'sora', 'tied_lora', 'vera',
 ]
