@@ -184,9 +184,11 @@ def apply_schedule(dyn: Dynamics | None, step: int, state: TrainState,
   """
   if dyn is None or not dyn.every or dyn.schedule is None or step % dyn.every:
     return state, False
-  before = shapes((state.adapters, state.opt_state, state.stats))
-  state = dyn.schedule(step, state, tx)
-  return state, shapes((state.adapters, state.opt_state, state.stats)) != before
+  new = dyn.schedule(step, state, tx)
+  if new is state:   # nothing done (most calls of a per-step schedule)
+    return state, False
+  parts = lambda s: (s.adapters, s.opt_state, s.stats)
+  return new, shapes(parts(new)) != shapes(parts(state))
 
 
 def none() -> Dynamics:
@@ -211,6 +213,11 @@ def _replace_leaves(adapters, new: dict[str, Any]):
 
 def _of(adapters, cls) -> dict[str, Any]:
   return {p: a for p, a in _flat(adapters).items() if isinstance(a, cls)}
+
+
+def _nested(flat: dict[str, Any]) -> dict[str, Any]:
+  """An adapter tree holding just the adapter states of `{path: state}`."""
+  return paths.nest({tuple(p.split('/')): a for p, a in flat.items()})
 
 
 def _low_rank(adapters) -> dict[str, Any]:
@@ -386,8 +393,7 @@ def merge_and_reinit(state: TrainState, key: jax.Array, *, prune: float) -> Trai
   low = _low_rank(state.adapters)
   specs = {p: a.spec for p, a in low.items()}
   # The base in full: merged leaves replaced (as `merge`, ties resolved).
-  merged = adapters_lib.merge(state.params, paths.nest(
-      {tuple(p.split('/')): a for p, a in low.items()}))
+  merged = adapters_lib.merge(state.params, _nested(low))
   spec_tree = _spec_tree(state.params, {
       p: dataclasses.replace(s, init='kaiming') if s.init not in ('kaiming', 'gaussian') else s
       for p, s in specs.items()})
@@ -544,18 +550,16 @@ def adalora(*, target_rank: int, total_steps: int, warmup: int = 0, final: int =
 
   def init(params, adapters):
     del params
-    sub = paths.nest({tuple(p.split('/')): a for p, a in
-                      _of(adapters, AdaloraParams).items()})
-    zeros = jax.tree_util.tree_map(jnp.zeros_like, sub)
-    return {'ipt': zeros, 'unc': jax.tree_util.tree_map(jnp.zeros_like, sub),
+    sub = _nested(_of(adapters, AdaloraParams))
+    return {'ipt': jax.tree_util.tree_map(jnp.zeros_like, sub),
+            'unc': jax.tree_util.tree_map(jnp.zeros_like, sub),
             'budget': jnp.int32(budgets(adapters)[0])}
 
   def observe(stats, step, adapters, grads):
     del step
-    ads = paths.nest({tuple(p.split('/')): a for p, a in
-                      _of(adapters, AdaloraParams).items()})
-    gs = paths.nest({tuple(p.split('/')): g for p, g in _flat(grads).items()
-                     if p in _of(adapters, AdaloraParams)})
+    own = _of(adapters, AdaloraParams)
+    ads = _nested(own)
+    gs = _nested({p: g for p, g in _flat(grads).items() if p in own})
 
     sens = lambda w, g, ref: jnp.abs(w * g).astype(ref.dtype)
     ipt = jax.tree_util.tree_map(lambda w, g, i: beta1 * i + (1 - beta1) * sens(w, g, i),
@@ -957,7 +961,7 @@ def update_ranks(initial_params: Any, params: Any, adapters: Any, *, rtol: float
   run added, which can exceed the adapters' rank. Quantized leaves are compared dequantized.
   """
   low = _low_rank(adapters)
-  merged = adapters_lib.merge(params, paths.nest({tuple(p.split('/')): a for p, a in low.items()}))
+  merged = adapters_lib.merge(params, _nested(low))
   m_flat = {p: x for p, _, x in paths.leaves_with_paths(quant_lib.dequantize(merged))}
   w_flat = {p: x for p, _, x in paths.leaves_with_paths(quant_lib.dequantize(initial_params))}
   out = {}
