@@ -82,8 +82,8 @@ def restore(config, workdir: str):
   task = tasks.make_task(config)
   base, base_path, _ = train.obtain_base(config, task)
   spec, params, initial = train.adapt(config, task, base)
-  tx = train.make_optimizer(config)
   dyn = train.make_dynamics(config)
+  tx = train.make_optimizer(config, train.make_schedule(config, dyn))
   ckpts = ckpt_lib.Checkpoints(os.path.join(workdir, 'checkpoints'))
   try:
     meta = ckpts.latest_metadata()

@@ -77,7 +77,8 @@ _DISTRIBUTED = flags.DEFINE_bool(
     'SLURM, Open MPI).')
 
 
-def _check(config):
+def _check(config) -> lj.dynamics.Dynamics | None:
+  """Validates `config`; returns its dynamics (built here, so bad settings fail first)."""
   if config.method not in METHODS:
     raise ValueError(f'Unknown method {config.method!r}; allowed: {list(METHODS)}.')
   for name in ('steps', 'eval_every', 'checkpoint_every', 'log_every'):
@@ -98,6 +99,7 @@ def _check(config):
       config.dynamics.target_rank > config.adapter.rank):
     raise ValueError(f'adalora: target_rank={config.dynamics.target_rank} is above the initial '
                      f'rank {config.adapter.rank} (adapter.rank): the budget can only shrink.')
+  return dyn
 
 
 def _host(x) -> float:
@@ -256,21 +258,24 @@ def make_dynamics(config) -> lj.dynamics.Dynamics | None:
                          learning_rate=_base_schedule(config), seed=config.seed, **options)
 
 
-def make_schedule(config) -> optax.Schedule:
+def make_schedule(config, dyn: lj.dynamics.Dynamics | None = None) -> optax.Schedule:
   """Warmup + cosine decay (to 10%), reshaped by the dynamics that need it (ReLoRA's jagged
-  restarts)."""
+  restarts); `dyn` is the config's, built if not given."""
   schedule = _base_schedule(config)
-  dyn = make_dynamics(config)
+  dyn = dyn if dyn is not None else make_dynamics(config)
   if dyn is not None and dyn.learning_rate is not None:
     schedule = dyn.learning_rate(schedule)
   return schedule
 
 
-def make_optimizer(config) -> optax.GradientTransformation:
-  """Warmup + cosine AdamW (LoRA+ ratio for `method='lora'`) of `config.train`."""
+def make_optimizer(config, schedule: optax.Schedule | None = None
+                   ) -> optax.GradientTransformation:
+  """Warmup + cosine AdamW (LoRA+ ratio for `method='lora'`) of `config.train`; `schedule` is
+  `make_schedule(config)`, built if not given."""
   t = config.train
   ratio = t.loraplus_ratio if config.method == 'lora' else 1.0
-  return lj.optimizer(make_schedule(config), loraplus_ratio=ratio, weight_decay=t.weight_decay)
+  return lj.optimizer(schedule or make_schedule(config), loraplus_ratio=ratio,
+                      weight_decay=t.weight_decay)
 
 
 def initial_state(config, adapters, opt_state, stats=(), params=None) -> dict[str, Any]:
@@ -323,8 +328,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     ValueError: for a bad config, a checkpoint that does not fit the model, or a loss that
       becomes NaN or infinite (the message names the step; the last good checkpoint is kept).
   """
-  _check(config)
-  dyn = make_dynamics(config)
+  dyn = _check(config)
   task = tasks.make_task(config)
   model = task.model
   t_start = time.time()
@@ -350,7 +354,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
 
   apply = lj.lora(model.apply)
   t = config.train
-  schedule, tx = make_schedule(config), make_optimizer(config)
+  schedule = make_schedule(config, dyn)
+  tx = make_optimizer(config, schedule)
 
   def loss_fn(joined, batch, rng):
     inputs, targets = batch

@@ -224,7 +224,7 @@ def _low_rank(adapters) -> dict[str, Any]:
   return {p: a for p, a in _flat(adapters).items() if not isinstance(a, variants.FullParams)}
 
 
-def _need(name: str, spec: Any, params: Any, allowed: tuple[str, ...]) -> None:
+def _need(name: str, spec: Any, allowed: tuple[str, ...]) -> None:
   """ValueError unless the selection adapts some leaf with one of `allowed` variants."""
   if spec is None:
     return
@@ -541,7 +541,7 @@ def adalora(*, target_rank: int, total_steps: int, warmup: int = 0, final: int =
     return initial, target_rank * matrices
 
   def check(spec, params):
-    _need(name, spec, params, ('adalora',))
+    _need(name, spec, ('adalora',))
     for path, s in spec_lib.spec_leaves(spec).items():
       if s.variant == 'adalora' and target_rank > s.rank:
         raise ValueError(f'{name}: target_rank={target_rank} is above the initial rank '
@@ -686,7 +686,7 @@ def dylora(*, min_rank: int = 1, detach_lower: bool = False) -> Dynamics:
   min_rank = _check_int(name, 'min_rank', min_rank, 1)
 
   def check(spec, params):
-    _need(name, spec, params, ('lora',))
+    _need(name, spec, ('lora',))
     for path, s in spec_lib.spec_leaves(spec).items():
       if s.variant == 'lora' and min_rank > s.rank:
         raise ValueError(f'{name}: min_rank={min_rank} is above the rank {s.rank} of {path!r}.')
@@ -733,7 +733,7 @@ def sora(*, learning_rate: float | optax.Schedule, sparsity: float = 3e-4, every
   lr = learning_rate if callable(learning_rate) else (lambda step: learning_rate)
 
   def check(spec, params):
-    _need(name, spec, params, ('sora',))
+    _need(name, spec, ('sora',))
 
   def after(state, old_adapters):
     del old_adapters

@@ -26,6 +26,7 @@ import tempfile
 from absl import app
 from absl import flags
 
+from configs import common as config_common
 from configs import vit_digits
 from experiments import train
 from experiments.benchmarks import common
@@ -49,13 +50,8 @@ def config_for(method: str, quick: bool, rank: int, model: str, steps: int | Non
     c.train.steps = steps
     c.train.warmup_steps = min(c.train.warmup_steps, steps // 5)
     c.train.eval_every = c.train.checkpoint_every = steps
-    c.dynamics = common_dynamics(dyn, rank, steps)
+    c.dynamics = config_common.dynamics(dyn, rank, steps)
   return c
-
-
-def common_dynamics(name, rank, steps):
-  from configs import common as config_common  # pylint: disable=g-import-not-at-top
-  return config_common.dynamics(name, rank, steps)
 
 
 def run(methods, *, quick: bool, rank: int, model: str, steps: int | None, workdir: str):
