@@ -308,7 +308,16 @@ def test_delta_lora_moves_the_base_by_the_change_of_the_update():
   state = D.init_state(params, adapters, tx, dyn)
   new, _ = D.make_step(_loss, tx, dyn, donate=False)(state, _batch(0, *target), None)
   plain, _ = D.make_step(_loss, tx, donate=False)(state, _batch(0, *target), None)
-  helpers.assert_trees_equal(plain.adapters, new.adapters)   # the adapters train as LoRA
+  # The adapters train as LoRA: bitwise op by op (the same ops on the same inputs); the two
+  # compiled steps are different programs (one also updates the base): Adam divides by sqrt(v),
+  # which amplifies their last-bit differences in small gradients, hence 1e-5.
+  with jax.disable_jit():
+    eager_new, _ = D.make_step(_loss, tx, dyn, donate=False)(state, _batch(0, *target), None)
+    eager_plain, _ = D.make_step(_loss, tx, donate=False)(state, _batch(0, *target), None)
+  helpers.assert_trees_equal(eager_plain.adapters, eager_new.adapters)
+  for a, b in zip(jax.tree_util.tree_leaves(new.adapters),
+                  jax.tree_util.tree_leaves(plain.adapters)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(np.max(np.abs(b))))
   with helpers.enable_x64():
     for p in ('a', 'b'):
       old, upd = state.adapters[p]['kernel'], new.adapters[p]['kernel']
@@ -436,6 +445,7 @@ def test_selections_a_method_cannot_take():
     ('relora', dict(period=2, warmup=1)),                   # a changed base
     ('adalora', dict(target_rank=2, warmup=1, final=1)),    # statistics and masks
 ])
+@pytest.mark.slow
 def test_train_loop_runs_checkpoints_and_resumes(tmp_path, name, options):
   from configs import vit_digits   # pylint: disable=g-import-not-at-top
   from experiments import train   # pylint: disable=g-import-not-at-top
@@ -485,6 +495,7 @@ def test_config_time_errors_of_the_training_loop(tmp_path):
   assert not (tmp_path / 'a' / 'checkpoints').exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', ['dylora', 'cola', 'delta_lora'])
 def test_train_loop_reports_the_other_methods(tmp_path, name):
   from configs import vit_digits   # pylint: disable=g-import-not-at-top

@@ -346,8 +346,11 @@ def test_inits_are_jittable():
         k, w, s, minor=s.init == 'milora'))
     eager = f(jax.random.key(1), w, spec)
     jitted = jax.jit(lambda w, s=spec, f=f: f(jax.random.key(1), w, s))(w)
+    # Eager and jitted are different programs; an SVD amplifies their last-bit differences by
+    # 1 / (the gap between the singular values kept and dropped), so the tolerance is relative
+    # to each array's scale (measured: 4e-6 of it under SSE4.2 code generation).
     for a, b in zip(eager, jitted):
-      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=5e-5 * float(np.max(np.abs(b))))
   spec = lj.make_spec({'k': w}, [('k', {'rank': 4, 'batch_axes': 0})])['k']
   q, a, b, errs = jax.jit(lambda w: inits.loftq(w, spec, 'nf4', 2))(w)
   assert isinstance(q, lj.QuantizedArray) and q.stack_axes == 1 and float(errs[1]) < float(

@@ -402,6 +402,7 @@ def test_pissa_saved_through_to_lora(minilm, tmp_path):
   assert _rel(_torch_embed(loaded, ids, mask), want) < 1e-4
 
 
+@pytest.mark.slow
 def test_export_of_a_training_run(tmp_path, arg='quick,init=pissa'):
   """experiments.export: a finished vit_digits run (PiSSA: converted by to_lora) -> PEFT files
   that PEFT loads onto the exported base, giving the trained model's logits; the merged export

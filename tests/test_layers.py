@@ -169,9 +169,7 @@ def _setup(name, dtype):
 @pytest.mark.parametrize('name', list(CASES))
 def test_identity_at_init(name, dtype):
   case, params, args, adapters = _setup(name, dtype)
-  base = case.fn(params, *args)
-  out = lj.lora(case.fn)(lj.join(params, adapters), *args)
-  helpers.assert_same_as_base(out, base)
+  helpers.assert_identity_at_init(case.fn, params, adapters, *args)
 
 
 @pytest.mark.parametrize('dtype', DTYPES, ids=lambda d: jnp.dtype(d).name)

@@ -21,7 +21,7 @@ def _lora_laws(fn, params, args, rules):
   spec = lj.make_spec(params, rules, fn=fn, args=args)
   params, adapters = lj.init(jax.random.key(1), params, spec)
   apply = lj.lora(fn, strict=True)
-  helpers.assert_same_as_base(apply(lj.join(params, adapters), *args), fn(params, *args))
+  helpers.assert_identity_at_init(fn, params, adapters, *args)
   adapters = helpers.randomize(adapters, jax.random.key(2), scale=0.05)
   out = jax.jit(apply)(lj.join(params, adapters), *args)
   ref = helpers.f64_reference(fn, params, adapters, *args)
@@ -84,11 +84,15 @@ def test_generate_greedy_and_sampled():
   prompt = jnp.array([[1, 2, 3]])
   params = model.init(jax.random.key(0), prompt)
   out = generate(model.apply, params, prompt, 4)
-  manual = prompt
-  for _ in range(4):
-    nxt = jnp.argmax(model.apply(params, manual)[:, -1], -1)
-    manual = jnp.concatenate([manual, nxt[:, None]], axis=1)
-  np.testing.assert_array_equal(out, manual)
+  np.testing.assert_array_equal(out[:, :3], prompt)
+  # Each new token is the argmax of the model's logits on the tokens before it, computed here op
+  # by op on the growing sequence. `generate` runs a compiled loop on the padded sequence: a
+  # different program, whose logits agree to a few ulps, so a token may differ from the argmax
+  # only where the top two logits tie to within that.
+  for i in range(3, 7):
+    logits = np.asarray(model.apply(params, out[:, :i])[:, -1])
+    chosen = np.take_along_axis(logits, np.asarray(out[:, i:i + 1]), -1)[:, 0]
+    assert np.all(chosen >= logits.max(-1) - 1e-5 * np.abs(logits).max()), (i, out, logits)
   s1 = generate(model.apply, params, prompt, 4, temperature=1.0, key=jax.random.key(3))
   s2 = generate(model.apply, params, prompt, 4, temperature=1.0, key=jax.random.key(3))
   np.testing.assert_array_equal(s1, s2)

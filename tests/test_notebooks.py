@@ -8,15 +8,20 @@ import os
 
 import pytest
 
+from tests import helpers
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOKS = sorted(glob.glob(os.path.join(ROOT, 'notebooks', '*.ipynb')))
+pytestmark = pytest.mark.slow
 
 
 def test_there_are_notebooks():
   assert NOTEBOOKS
 
 
-@pytest.mark.parametrize('path', NOTEBOOKS, ids=os.path.basename)
+@pytest.mark.parametrize('path', [
+    pytest.param(p, marks=helpers.needs_8_devices) if p.endswith('03_sharding.ipynb') else p
+    for p in NOTEBOOKS], ids=os.path.basename)
 def test_notebook_runs_and_is_committed_without_outputs(path):
   with open(path) as f:
     nb = json.load(f)

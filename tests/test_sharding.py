@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -23,11 +24,13 @@ import pytest
 import lorax_jax as lj
 from configs import vit_digits
 from experiments import train
+from lorax_jax import data as data_lib
 from lorax_jax import sharding as sh
 from lorax_jax.models import Decoder
 from tests import helpers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = helpers.needs_8_devices
 
 
 def _decoder(d=64, layers=2):
@@ -47,18 +50,21 @@ def _pad(spec, n):
 
 
 def test_make_mesh():
+  n = jax.device_count()    # 8 (conftest), or what XLA_FLAGS asked for
   mesh = sh.make_mesh({'fsdp': 4, 'tensor': 2})
-  assert dict(mesh.shape) == {'data': 1, 'fsdp': 4, 'tensor': 2}
-  assert dict(sh.make_mesh().shape) == {'data': 8, 'fsdp': 1, 'tensor': 1}
-  assert dict(sh.make_mesh({'data': 2, 'fsdp': -1}).shape) == {'data': 2, 'fsdp': 4, 'tensor': 1}
+  assert dict(mesh.shape) == {'data': n // 8, 'fsdp': 4, 'tensor': 2}   # data: the rest
+  assert dict(sh.make_mesh().shape) == {'data': n, 'fsdp': 1, 'tensor': 1}
+  assert dict(sh.make_mesh({'data': 2, 'fsdp': -1}).shape) == {'data': 2, 'fsdp': n // 2,
+                                                                'tensor': 1}
   one = sh.make_mesh({'data': 1, 'fsdp': 1, 'tensor': 1})
   assert one.devices.size == 1 and sh.make_mesh({'data': 3}).devices.size == 3  # the first
   if hasattr(jax.sharding, 'AxisType'):
     assert all(t == jax.sharding.AxisType.Auto for t in one.axis_types)
   for shape, message in [({'model': 2}, "Unknown mesh axes ['model']"),
                          ({'data': -1, 'fsdp': -1}, 'at most one may be -1'),
-                         ({'data': 16}, 'multiply to 16, but there are 8 devices'),
-                         ({'data': 3, 'fsdp': -1}, 'do not divide the 8 devices')]:
+                         ({'data': 2 * n}, f'multiply to {2 * n}, but there are {n} devices'),
+                         ({'data': 3, 'fsdp': -1}, f'do not divide the {n} devices')][
+                             :4 if n % 3 else 3]:
     with pytest.raises(ValueError, match=re.escape(message)):
       sh.make_mesh(shape)
 
@@ -228,6 +234,7 @@ def _final_adapters(workdir, step):
   return [np.asarray(x) for x in jax.tree_util.tree_leaves(restored['adapters'])]
 
 
+@pytest.mark.slow
 def test_same_losses_and_adapters_on_every_layout_and_restore_across_layouts(tmp_path):
   layouts = {'dp8': dict(data=8),
              'fsdp4_tensor2': dict(data=1, fsdp=4, tensor=2, preset='fsdp_tensor'),
@@ -237,16 +244,21 @@ def test_same_losses_and_adapters_on_every_layout_and_restore_across_layouts(tmp
     r = train.train_and_evaluate(_config(tmp_path, **mesh), str(tmp_path / name))
     runs[name] = (_losses(tmp_path / name), _final_adapters(tmp_path / name, 4), r['accuracy'])
   ref_losses, ref_adapters, ref_acc = runs['one_device']
+  # Each layout is its own compiled program, so logits agree to rounding only: one test image
+  # whose top two logits tie to within that may be classified either way.
+  c = _config(tmp_path)
+  one_image = 1.0 / len(data_lib.digits(c.data.adapt_classes, split='test',
+                                        size=c.data.image_size, seed=c.seed)[1])
   for name, (losses, adapters, acc) in runs.items():
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
     for a, b in zip(adapters, ref_adapters):
       # Adam divides by sqrt(v): reduction-order rounding of tiny gradients shows up at ~1e-6.
       np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * max(1.0, np.abs(b).max()))
-    assert abs(acc - ref_acc) < 1e-6
+    assert abs(acc - ref_acc) <= 1.01 * one_image
   # fsdp x tensor checkpoint -> one device, and -> tensor parallel: resumes at the end.
   for mesh in (dict(data=1, fsdp=1, tensor=1), dict(data=4, tensor=2, preset='tensor')):
     r = train.train_and_evaluate(_config(tmp_path, **mesh), str(tmp_path / 'fsdp4_tensor2'))
-    assert r['resumed_from'] == 4 and abs(r['accuracy'] - ref_acc) < 1e-6
+    assert r['resumed_from'] == 4 and abs(r['accuracy'] - ref_acc) <= 1.01 * one_image
 
 
 def _free_port() -> int:
@@ -256,8 +268,7 @@ def _free_port() -> int:
 
 
 def _cli(workdir, bases, devices, extra=()):
-  env = {**os.environ, 'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}',
-         'JAX_PLATFORMS': 'cpu'}
+  env = helpers.subprocess_env(devices, JAX_PLATFORMS='cpu')
   cmd = [sys.executable, '-m', 'experiments.train', '--config', 'configs/vit_digits.py:quick',
          '--workdir', str(workdir), f'--config.base.dir={bases}', '--config.base.steps=5',
          '--config.train.steps=4', '--config.train.warmup_steps=1',
@@ -267,13 +278,21 @@ def _cli(workdir, bases, devices, extra=()):
                           stderr=subprocess.STDOUT, text=True)
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one_and_their_checkpoint_restores_in_one(tmp_path):
   bases = tmp_path / 'bases'
-  port = _free_port()
-  procs = [_cli(tmp_path / 'two', bases, 4, ['--coordinator_address', f'127.0.0.1:{port}',
-                                             '--num_processes', '2', '--process_id', str(i)])
-           for i in range(2)]
-  outs = [p.communicate(timeout=600)[0] for p in procs]
+  for attempt in range(3):
+    # A port free a moment ago may be taken by another program before the coordinator binds it:
+    # then the run is retried on a fresh one.
+    port = _free_port()
+    procs = [_cli(tmp_path / 'two', bases, 4, ['--coordinator_address', f'127.0.0.1:{port}',
+                                               '--num_processes', '2', '--process_id', str(i)])
+             for i in range(2)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    if all(p.returncode == 0 for p in procs) or attempt == 2 or not any(
+        re.search('address already in use|failed to bind', o, re.IGNORECASE) for o in outs):
+      break
+    shutil.rmtree(tmp_path / 'two', ignore_errors=True)
   assert all(p.returncode == 0 for p in procs), outs[0][-3000:] + outs[1][-3000:]
   assert 'adapted' in outs[0] and 'adapted' not in outs[1]    # process 0 prints the summary
   one = _cli(tmp_path / 'one', bases, 8)

@@ -18,6 +18,7 @@ from configs import common
 from experiments import report
 from experiments import sweep
 from experiments import tasks
+from tests import helpers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(p for p in glob.glob(os.path.join(ROOT, 'configs', '*.py'))
@@ -105,6 +106,7 @@ TINY = {'base.steps': 20, 'train.steps': 6, 'train.warmup_steps': 1, 'train.eval
         'train.checkpoint_every': 3, 'train.log_every': 2}
 
 
+@pytest.mark.slow
 def test_sweep_runs_records_failures_resumes_and_reports(tmp_path):
   path = _config_file(tmp_path, (
       "  add('head', 'quick,method=head')\n"
@@ -144,8 +146,9 @@ def test_sweep_runs_records_failures_resumes_and_reports(tmp_path):
   assert all(os.path.getsize(p) > 10_000 for p in paths)
 
 
+@pytest.mark.slow
 def test_print_commands_gives_one_runnable_command_per_trial(tmp_path):
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  env = helpers.subprocess_env()
   proc = subprocess.run(
       [sys.executable, '-m', 'experiments.sweep', '--config', 'configs/vit_digits.py:quick',
        '--workdir', str(tmp_path / 's'), '--print_commands', '--set', 'train.steps=5'],

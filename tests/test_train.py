@@ -23,6 +23,7 @@ from configs import vit_digits
 from experiments import train
 from lorax_jax import checkpoints as ckpt_lib
 from lorax_jax import metrics as metrics_lib
+from tests import helpers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -45,6 +46,7 @@ def _config(tmp_path, arg='quick', module=vit_digits, **train_overrides):
   return c
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('arg', ['quick', 'quick,model=cnn', 'quick,model=resnet',
                                  'quick,method=full', 'quick,method=head'])
 def test_one_run_per_model_and_method(tmp_path, arg):
@@ -64,6 +66,7 @@ def test_one_run_per_model_and_method(tmp_path, arg):
   assert len(events) == 1 and len(metrics_lib.read_tfrecords(events[0])) >= 4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', ['decoder_lm', 'minilm_docstrings'])
 def test_one_run_per_config(tmp_path, name):
   c = _config(tmp_path, 'quick', CONFIGS[name])
@@ -82,6 +85,7 @@ def test_every_config_builds(name, arg):
   assert c.method == ('lora' if arg in (None, 'quick') else arg.split('method=')[1].split(',')[0])
 
 
+@pytest.mark.slow
 def test_rules_from_the_config(tmp_path):
   c = _config(tmp_path)
   c.rules = [(r'head/', 'full'), (r'block0/query/kernel', {'rank': 2, 'alpha': 4.0})]
@@ -106,6 +110,7 @@ def test_tfrecord_framing():
   assert metrics_lib.read_tfrecords_bytes(metrics_lib.tfrecord(data)) == [data]
 
 
+@pytest.mark.slow
 def test_base_is_cached_and_reused(tmp_path):
   c = _config(tmp_path)
   r1 = train.train_and_evaluate(c, str(tmp_path / 'a'))
@@ -118,6 +123,7 @@ def test_base_is_cached_and_reused(tmp_path):
 
 # The variants whose state has more than LoRA's kind of arrays: a magnitude, frozen arrays,
 # shared arrays held by one leaf (None elsewhere), a Kronecker factor.
+@pytest.mark.slow
 @pytest.mark.parametrize('variant', ['dora', 'lora_fa', 'tied_lora', 'lokr'])
 def test_variants_train_checkpoint_and_resume(tmp_path, variant):
   c = _config(tmp_path, f'quick,variant={variant},rank=4')
@@ -131,6 +137,7 @@ def test_variants_train_checkpoint_and_resume(tmp_path, variant):
 
 # QLoRA (an NF4 base), QPiSSA (PiSSA's residual quantized), LoftQ and the calibrated inits: the
 # base is rebuilt the same way on resume, so the restored adapters continue exactly.
+@pytest.mark.slow
 @pytest.mark.parametrize('arg', ['init=pissa_niter_4,quant=nf4', 'init=loftq',
                                  'init=eva,quant=int8'])
 def test_inits_and_quantized_bases_train_and_resume(tmp_path, arg):
@@ -142,6 +149,7 @@ def test_inits_and_quantized_bases_train_and_resume(tmp_path, arg):
   assert r2['resumed_from'] == 3 and r2['accuracy'] == r1['accuracy']
 
 
+@pytest.mark.slow
 def test_rerun_of_a_finished_run_resumes_at_the_end(tmp_path):
   c = _config(tmp_path)
   r1 = train.train_and_evaluate(c, str(tmp_path / 'a'))
@@ -149,6 +157,7 @@ def test_rerun_of_a_finished_run_resumes_at_the_end(tmp_path):
   assert r2['resumed_from'] == 3 and r2['accuracy'] == r1['accuracy']
 
 
+@pytest.mark.slow
 def test_checkpoint_of_another_config_is_refused(tmp_path):
   train.train_and_evaluate(_config(tmp_path), str(tmp_path / 'a'))
   other = _config(tmp_path, 'quick,rank=4')
@@ -156,6 +165,7 @@ def test_checkpoint_of_another_config_is_refused(tmp_path):
     train.train_and_evaluate(other, str(tmp_path / 'a'))
 
 
+@pytest.mark.slow
 def test_nan_stops_training_naming_the_step(tmp_path):
   c = _config(tmp_path, learning_rate=float('nan'), checkpoint_every=1)
   with pytest.raises(ValueError, match=re.escape('became NaN or infinite at step 1')):
@@ -220,23 +230,26 @@ def _cmd(workdir, cache):
            '--config.base.steps=20', f'--config.base.dir={cache}'])
 
 
+@pytest.mark.slow
 def test_sigkill_and_rerun_gives_the_same_final_metrics(tmp_path):
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  env = helpers.subprocess_env()
   cache = str(tmp_path / 'bases')
   ref_dir, dir_ = str(tmp_path / 'ref'), str(tmp_path / 'killed')
   subprocess.run(_cmd(ref_dir, cache), cwd=ROOT, env=env, check=True, capture_output=True,
                  timeout=600)
   proc = subprocess.Popen(_cmd(dir_, cache), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                           stderr=subprocess.DEVNULL)
-  deadline = time.time() + 300
-  ckdir = os.path.join(dir_, 'checkpoints')
-  while time.time() < deadline:
+  # Killed once its step-20 checkpoint exists, however long the machine takes to get there (as
+  # long as the other runs' timeout); a run that ends first cannot be killed mid-way.
+  ckdir, deadline, reached = os.path.join(dir_, 'checkpoints'), time.time() + 600, False
+  while not reached and proc.poll() is None and time.time() < deadline:
     steps = [d for d in (os.listdir(ckdir) if os.path.isdir(ckdir) else []) if d.isdigit()]
-    if steps and max(map(int, steps)) >= 20:
-      break
+    reached = bool(steps) and max(map(int, steps)) >= 20
     time.sleep(0.05)
+  alive = proc.poll() is None
   proc.send_signal(signal.SIGKILL)
   proc.wait()
+  assert reached and alive, 'the run ended or hung before its step-20 checkpoint'
   assert not os.path.exists(os.path.join(dir_, 'results.json'))
   out = subprocess.run(_cmd(dir_, cache), cwd=ROOT, env=env, check=True, capture_output=True,
                        text=True, timeout=600)
