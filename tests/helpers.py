@@ -114,7 +114,7 @@ SAME_TOL = {jnp.dtype(jnp.float32): 16 * float(jnp.finfo(jnp.float32).eps),
 def assert_close_compiled(out, ref, dtype=None):
   """`out` and `ref` computed by two different compiled programs agree to `SAME_TOL[dtype]` of
   the reference's scale (dtype: `ref`'s own by default)."""
-  dtype = jnp.dtype(dtype or jnp.asarray(ref).dtype)
+  dtype = jnp.dtype(jnp.asarray(ref).dtype if dtype is None else dtype)
   a = np.asarray(jnp.asarray(out, jnp.float32), np.float64)
   b = np.asarray(jnp.asarray(ref, jnp.float32), np.float64)
   assert a.shape == b.shape, (a.shape, b.shape)
