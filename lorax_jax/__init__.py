@@ -13,8 +13,8 @@
 
 from lorax_jax import adapters, calibration, dynamics, inits, interop, paths, quant  # noqa: F401
 from lorax_jax import variants  # noqa: F401
-from lorax_jax.inits import to_lora
-from lorax_jax.adapters import Adapted, count_params, init, join, merge, split, unmerge
+from lorax_jax.adapters import (Adapted, count_params, init, join, merge, split, to_lora,
+                                unmerge)
 from lorax_jax.interop import export_hf, load_peft, save_peft
 from lorax_jax.dynamics import Dynamics, TrainState
 from lorax_jax.interpreter import MaterializeError, MaterializeWarning, lora

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import zlib
 from typing import Any
 
@@ -15,27 +16,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lorax_jax import calibration
+from lorax_jax import inits
 from lorax_jax import paths
 from lorax_jax import quant as quant_lib
 from lorax_jax import spec as spec_lib
 from lorax_jax import variants
+from lorax_jax.joined import Adapted, is_adapted, is_adapter  # noqa: F401
+from lorax_jax.variants import merged_leaf  # noqa: F401
 
 
-def is_adapter(x: Any) -> bool:
-  """True for per-leaf adapter states (they carry their `LeafSpec` as `.spec`)."""
-  return dataclasses.is_dataclass(x) and isinstance(getattr(x, 'spec', None), spec_lib.LeafSpec)
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class Adapted:
-  """A base leaf joined with its adapter; what `lora(fn)` sees in place of the leaf."""
-  w: jax.Array
-  adapter: Any
-
-
-def is_adapted(x: Any) -> bool:
-  return isinstance(x, Adapted)
 
 
 def _leaf_key(key: jax.Array, path: str) -> jax.Array:
@@ -80,7 +70,7 @@ def init(key: jax.Array, params: Any, spec: dict[str, Any], *, fn: Any = None,
           'already quantized: its rounding would be compounded. Initialize on the float base, '
           'then quantize the residual (QPiSSA: quantize(params, spec) after init).')
   if calibrated:
-    from lorax_jax import calibration  # pylint: disable=g-import-not-at-top
+
     done = calibration.run(key, params, calibrated, fn, batches, num_batches)
   for path, keys, leaf in paths.leaves_with_paths(params):
     s = specs.get(path)
@@ -235,23 +225,6 @@ def count_params(adapters: Any) -> int:
                  if l != variants.base.FROZEN))
 
 
-def merged_leaf(w: jax.Array, adapter: Any, sign: int = 1, requantize: bool = False) -> Any:
-  """W + sign * dW for one leaf, computed in the promoted dtype of W and the adapter.
-
-  Fully trained leaves give their trained value on merge and keep `w` on unmerge. A quantized
-  base is dequantized first; the result is a float leaf, or with `requantize` quantized again
-  in the base's format (which adds one rounding of the merged weight).
-  """
-  if quant_lib.is_quantized(w):
-    out = merged_leaf(quant_lib.dequantize_array(w), adapter, sign)
-    return quant_lib.requantize_like(out, w) if requantize else out
-  if isinstance(adapter, variants.FullParams):
-    return adapter.value if sign > 0 else w
-  cd = jnp.promote_types(w.dtype, jax.tree_util.tree_leaves(adapter)[0].dtype)
-  dw = variants.get(adapter.spec.variant).delta(w.astype(cd), adapter)
-  return (w.astype(cd) + sign * dw.astype(cd)).astype(w.dtype)
-
-
 def _merge(params, adapters, return_cache=False, requantize=False):
   cache = {}
 
@@ -327,3 +300,48 @@ def unmerge(merged: Any, adapters: dict[str, Any], *, cache: dict[str, Any] | No
     ValueError: for a DoRA leaf without its cache entry.
   """
   return (_unmerge_jit_donate if donate else _unmerge_jit)(merged, adapters, cache)
+
+
+def to_lora(adapters: Any, initial: Any) -> Any:
+  """Plain LoRA adapters against the ORIGINAL base, for adapters trained from a residual init.
+
+  With a residual init the base is W_res = W - s*A0@B0, so the trained model is
+  W + s*(A@B - A0@B0) = W + s*[A, A0] @ [B; -B0]: a rank-2r LoRA adapter with the same scale
+  (PEFT's PiSSA/OLoRA conversion). Other leaves (plain inits, EVA, fully trained) are unchanged.
+
+  Args:
+    adapters: the trained adapter tree.
+    initial: the adapter tree `init` returned (before training).
+
+  Returns:
+    An adapter tree for the original base: `merge(original, to_lora(adapters, initial))`
+    equals `merge(residual_base, adapters)` up to rounding.
+
+  Raises:
+    ValueError: for LoftQ leaves (their quantization error is not low-rank) or a leaf missing
+      from `initial`.
+  """
+  flat = paths.flat(adapters, is_leaf=is_adapter)
+  flat0 = paths.flat(initial, is_leaf=is_adapter)
+  out = {}
+  for path, ad in flat.items():
+    spec = getattr(ad, 'spec', None)
+    if spec is None or spec.init not in inits.RESIDUAL + ('loftq',):
+      out[tuple(path.split('/'))] = ad
+      continue
+    if spec.init == 'loftq':
+      raise ValueError(f'{path!r} was initialized by LoftQ: its base is the quantized W, whose '
+                       'error is not low-rank, so it has no LoRA form against the float base. '
+                       'Merge it into the quantized base instead (merge(..., requantize=...)).')
+    ad0 = flat0.get(path)
+    if ad0 is None or ad0.spec.rank != spec.rank:
+      raise ValueError(f'initial has no rank-{spec.rank} adapter at {path!r}: pass the adapter '
+                       'tree that init returned.')
+    nb = len(spec.batch_shape)
+    a = jnp.concatenate([ad.a, ad0.a.astype(ad.a.dtype)], axis=-1)
+    b = jnp.concatenate([ad.b, -ad0.b.astype(ad.b.dtype)], axis=nb)
+    factor = {'alpha/r': 2.0, 'rslora': math.sqrt(2.0), 'constant': 1.0}[spec.scaling]
+    new = dataclasses.replace(spec, rank=2 * spec.rank, alpha=spec.alpha * factor,
+                              init='kaiming', init_options=())
+    out[tuple(path.split('/'))] = variants.LoraParams(a, b, new)
+  return paths.nest(out)

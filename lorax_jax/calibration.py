@@ -41,7 +41,7 @@ from lorax_jax import inits
 from lorax_jax import interpreter
 from lorax_jax import paths
 from lorax_jax import quant
-from lorax_jax.spec import LeafSpec
+from lorax_jax.leafspec import LeafSpec
 from lorax_jax.variants import common
 
 

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from lorax_jax import quant as quant_lib
-from lorax_jax.spec import LeafSpec
+from lorax_jax.leafspec import LeafSpec
 from lorax_jax.variants import common
 
 WEIGHT = ('pissa', 'milora', 'olora', 'loftq')
@@ -186,16 +186,16 @@ def loftq(w: jax.Array, spec: LeafSpec, quant: Any = 'nf4', iters: int = 1):
     traced array under jit). The error of quantization alone is `quantization_error(w, quant)`.
   """
   if not _is_int(iters, 1):
-    raise ValueError(f'loftq iters={iters!r} for {spec.path!r} must be an int >= 1.')
+    raise ValueError(f'loftq iters={iters!r} must be an int >= 1.')
   setting = quant_setting(quant, spec)
-  quant_lib.resolve_setting(setting, spec.path, tuple(w.shape))
+  quant_lib.resolve_setting(setting, 'kernel', tuple(w.shape))
   wf = _f32(w)
   dtype = common.adapter_dtype(spec, w)
   norm = jnp.linalg.norm(wf)
   low = jnp.zeros_like(wf)
   errors = []
   for _ in range(iters):
-    q = quant_lib.quantize_array((wf - low).astype(w.dtype), setting, path=spec.path)
+    q = quant_lib.quantize_array((wf - low).astype(w.dtype), setting, path='kernel')
     err = wf - quant_lib.dequantize_array(q, wf.dtype)
     u, s, vh = svd(common.matrix(err, spec))
     a_m, b_m = split_sqrt(u[..., :spec.rank], s[..., :spec.rank], vh[..., :spec.rank, :],
@@ -206,16 +206,7 @@ def loftq(w: jax.Array, spec: LeafSpec, quant: Any = 'nf4', iters: int = 1):
   return q, common.unflat_a(a_m, spec), common.unflat_b(b_m, spec), errors
 
 
-def quant_setting(quant: Any, spec: LeafSpec) -> dict:
-  """A quantization setting for a kernel: int8 channels reduce its in-axes; blockwise types keep
-  its leading stacked axes separate (so scanned layers dequantize one layer at a time)."""
-  setting = dict(quant) if isinstance(quant, tuple) else (
-      dict(quant) if isinstance(quant, dict) else {'type': quant})
-  if setting.get('type', 'nf4') == 'int8':
-    setting.setdefault('axes', spec.in_axes)
-  elif spec.batch_axes == tuple(range(len(spec.batch_axes))):
-    setting.setdefault('stack_axes', len(spec.batch_axes))
-  return setting
+quant_setting = quant_lib.quant_setting
 
 
 def quantization_error(w: jax.Array, quant: Any = 'nf4') -> jax.Array:
@@ -230,69 +221,21 @@ def weight_init(key: jax.Array, w: Any, spec: LeafSpec):
   """The weight-only inits (`WEIGHT`): `(base, a, b)`; the base may be a `QuantizedArray`."""
   if spec.init == 'loftq':
     if quant_lib.is_quantized(w):
-      raise ValueError(f'LoftQ init for {spec.path!r} needs the float base, but the leaf is '
+      raise ValueError(f'LoftQ init needs the float base, but the leaf is '
                        'already quantized: initialize before quantizing (LoftQ quantizes it).')
     q, a, b, _ = loftq(w, spec, spec.init_opt('quant'), spec.init_opt('iters'))
     return q, a, b
   if quant_lib.is_quantized(w):
     raise ValueError(
-        f'init {spec.init!r} for {spec.path!r} replaces the base by a residual, but the leaf is '
+        f'init {spec.init!r} replaces the base by a residual, but the leaf is '
         'already quantized: its rounding would be compounded. Initialize on the float base, '
         'then quantize the residual (QPiSSA: quantize(params, spec) after init).')
   if spec.init in ('pissa', 'milora'):
     return pissa(key, w, spec, minor=spec.init == 'milora')
   if spec.init == 'olora':
     return olora(key, w, spec)
-  raise ValueError(f'init {spec.init!r} for {spec.path!r} is not a weight-only init; '
+  raise ValueError(f'init {spec.init!r} is not a weight-only init; '
                    f'allowed: {list(WEIGHT)}.')
 
 
 RESIDUAL = ('pissa', 'milora', 'olora', 'lora_ga', 'corda')
-
-
-def to_lora(adapters: Any, initial: Any) -> Any:
-  """Plain LoRA adapters against the ORIGINAL base, for adapters trained from a residual init.
-
-  With a residual init the base is W_res = W - s*A0@B0, so the trained model is
-  W + s*(A@B - A0@B0) = W + s*[A, A0] @ [B; -B0]: a rank-2r LoRA adapter with the same scale
-  (PEFT's PiSSA/OLoRA conversion). Other leaves (plain inits, EVA, fully trained) are unchanged.
-
-  Args:
-    adapters: the trained adapter tree.
-    initial: the adapter tree `init` returned (before training).
-
-  Returns:
-    An adapter tree for the original base: `merge(original, to_lora(adapters, initial))`
-    equals `merge(residual_base, adapters)` up to rounding.
-
-  Raises:
-    ValueError: for LoftQ leaves (their quantization error is not low-rank) or a leaf missing
-      from `initial`.
-  """
-  import dataclasses  # pylint: disable=g-import-not-at-top
-  from lorax_jax import adapters as adapters_lib, paths  # pylint: disable=g-import-not-at-top
-  from lorax_jax.variants.lora import LoraParams  # pylint: disable=g-import-not-at-top
-  flat = paths.flat(adapters, is_leaf=adapters_lib.is_adapter)
-  flat0 = paths.flat(initial, is_leaf=adapters_lib.is_adapter)
-  out = {}
-  for path, ad in flat.items():
-    spec = getattr(ad, 'spec', None)
-    if spec is None or spec.init not in RESIDUAL + ('loftq',):
-      out[tuple(path.split('/'))] = ad
-      continue
-    if spec.init == 'loftq':
-      raise ValueError(f'{path!r} was initialized by LoftQ: its base is the quantized W, whose '
-                       'error is not low-rank, so it has no LoRA form against the float base. '
-                       'Merge it into the quantized base instead (merge(..., requantize=...)).')
-    ad0 = flat0.get(path)
-    if ad0 is None or ad0.spec.rank != spec.rank:
-      raise ValueError(f'initial has no rank-{spec.rank} adapter at {path!r}: pass the adapter '
-                       'tree that init returned.')
-    nb = len(spec.batch_shape)
-    a = jnp.concatenate([ad.a, ad0.a.astype(ad.a.dtype)], axis=-1)
-    b = jnp.concatenate([ad.b, -ad0.b.astype(ad.b.dtype)], axis=nb)
-    factor = {'alpha/r': 2.0, 'rslora': math.sqrt(2.0), 'constant': 1.0}[spec.scaling]
-    new = dataclasses.replace(spec, rank=2 * spec.rank, alpha=spec.alpha * factor,
-                              init='kaiming', init_options=())
-    out[tuple(path.split('/'))] = LoraParams(a, b, new)
-  return paths.nest(out)

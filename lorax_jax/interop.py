@@ -151,11 +151,11 @@ def _layer_axes(entry: hf.Entry, s: spec_lib.LeafSpec) -> tuple[tuple, tuple, tu
   """The per-layer shape and in/out axes of a (possibly stacked) kernel."""
   if entry.index is None:
     if s.batch_axes:
-      raise ValueError(f'{s.path!r} is stacked over axes {s.batch_axes}: its name map needs one '
+      raise ValueError(f'{entry.path!r} is stacked over axes {s.batch_axes}: its name map needs one '
                        'entry per layer (Entry.index).')
     return s.shape, s.in_axes, s.out_axes
   if s.batch_axes != (0,):
-    raise ValueError(f'{s.path!r}: per-layer name-map entries need the layer axis first '
+    raise ValueError(f'{entry.path!r}: per-layer name-map entries need the layer axis first '
                      f'(batch_axes (0,)), got {s.batch_axes}.')
   return s.shape[1:], tuple(a - 1 for a in s.in_axes), tuple(a - 1 for a in s.out_axes)
 
@@ -189,7 +189,7 @@ def layout(entry: hf.Entry, s: spec_lib.LeafSpec) -> tuple[np.ndarray, np.ndarra
 def _layout(entry, s, shape, in_axes, out_axes):
   hin, hout = _flat_hf(entry)
   if hin.shape != tuple(shape):
-    raise ValueError(f'{s.path!r} has per-layer shape {tuple(shape)}; the name map gives '
+    raise ValueError(f'{entry.path!r} has per-layer shape {tuple(shape)}; the name map gives '
                      f'{hin.shape} for {entry.hf_key!r}.')
   d_in = math.prod(shape[a] for a in in_axes)
   order = tuple(in_axes) + tuple(out_axes)
@@ -197,7 +197,7 @@ def _layout(entry, s, shape, in_axes, out_axes):
   hout = np.transpose(hout, order).reshape(d_in, -1)
   perm_in, perm_out = hin[:, 0], hout[0, :]
   if not (np.all(hin == perm_in[:, None]) and np.all(hout == perm_out[None, :])):
-    raise ValueError(f'The in/out axes of {s.path!r} (in {s.in_axes}, out {s.out_axes}) do not '
+    raise ValueError(f'The in/out axes of {entry.path!r} (in {s.in_axes}, out {s.out_axes}) do not '
                      f'match the in/out axes of the Hugging Face weight {entry.hf_key!r}.')
   return perm_in, perm_out
 

@@ -35,7 +35,7 @@ import jax.extend as jex
 import jax.numpy as jnp
 import numpy as np
 
-from lorax_jax import adapters as adapters_lib
+from lorax_jax import joined
 from lorax_jax import layout
 from lorax_jax import paths
 from lorax_jax import quant
@@ -203,7 +203,7 @@ class _Ctx:
 def _materialize(v, ctx: _Ctx | None, why: str | None):
   """W + dW as a plain array; warns (or raises when strict) if `why` is given."""
   if isinstance(v, Dense):
-    return adapters_lib.merged_leaf(v.w, v.adapter)
+    return variants.merged_leaf(v.w, v.adapter)
   if isinstance(v, QuantW):
     return v.force()
   if not isinstance(v, LowRank):
@@ -754,7 +754,7 @@ def _eval(jaxpr, consts, args, ctx: _Ctx):
   return [_literal_or(v, env) for v in jaxpr.outvars]
 
 
-def _to_value(adapted: adapters_lib.Adapted, path: str):
+def _to_value(adapted: joined.Adapted, path: str):
   ad = adapted.adapter
   if isinstance(ad, variants.FullParams):
     return ad.value
@@ -786,7 +786,7 @@ def _reads_w(variant, w_abstract, adapter) -> bool:
 
 
 def _is_input(x) -> bool:
-  return adapters_lib.is_adapted(x) or quant.is_quantized(x)
+  return joined.is_adapted(x) or quant.is_quantized(x)
 
 
 def _trace_input(w):
@@ -823,7 +823,7 @@ def lora(fn: Callable, *, strict: bool | None = None) -> Callable:
     def replace(kp, leaf):
       if quant.is_quantized(leaf):
         return _trace_input(leaf), QuantW.of(leaf)
-      if not isinstance(leaf, adapters_lib.Adapted):
+      if not isinstance(leaf, joined.Adapted):
         return None
       val = _to_value(leaf, paths.path_str(kp[2:]))
       return (_trace_input(leaf.w) if _is_special(val) else val), val

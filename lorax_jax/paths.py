@@ -12,7 +12,21 @@ from typing import Any, Callable, Iterator
 
 import jax
 
-from lorax_jax.quant import is_quantized
+# Pytree node types that stand in for ONE parameter leaf (a quantized base leaf): their classes
+# register here (`register_leaf`) so this bottom layer needs no knowledge of them.
+_WHOLE: list[type] = []
+
+
+def register_leaf(cls: type) -> type:
+  """Declares a pytree node class whose instances count as one parameter leaf (a decorator)."""
+  if cls not in _WHOLE:
+    _WHOLE.append(cls)
+  return cls
+
+
+def is_whole(x: Any) -> bool:
+  """Whether `x` is a registered one-leaf node (e.g. a `QuantizedArray`)."""
+  return isinstance(x, tuple(_WHOLE))
 
 
 def key_name(key: Any) -> str:
@@ -45,9 +59,10 @@ def leaves_with_paths(tree: Any, is_leaf: Callable[[Any], bool] | None = None
                       ) -> Iterator[tuple[str, tuple[str, ...], Any]]:
   """Yields `(path, keys, leaf)` for every leaf of `tree`, in tree order.
 
-  A `QuantizedArray` (a quantized base leaf) is one leaf.
+  A registered one-leaf node (`register_leaf`: a `QuantizedArray`, a quantized base leaf) is one
+  leaf.
   """
-  leaf_fn = is_quantized if is_leaf is None else (lambda x: is_quantized(x) or is_leaf(x))
+  leaf_fn = is_whole if is_leaf is None else (lambda x: is_whole(x) or is_leaf(x))
   for keypath, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=leaf_fn)[0]:
     keys = path_keys(keypath)
     yield '/'.join(keys), keys, leaf

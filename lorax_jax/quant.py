@@ -32,13 +32,16 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import re
 import statistics
 from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from lorax_jax import paths
+from lorax_jax.leafspec import FULL, LeafSpec, spec_leaves
+from lorax_jax.select import select
 
 QTYPES = ('nf4', 'int4', 'int8')
 SETTING_KEYS = ('type', 'block_size', 'double_quant', 'dq_block_size', 'axes', 'stack_axes')
@@ -65,6 +68,7 @@ def nf4_code_book() -> np.ndarray:
   return values / values.max()
 
 
+@paths.register_leaf
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class QuantizedArray:
@@ -322,9 +326,16 @@ def dequantize_array(q: QuantizedArray, dtype: Any = None) -> jax.Array:
   return (blocks * _block_scales(q)[..., None]).reshape(q.shape).astype(dtype)
 
 
-def _leaves(tree, is_leaf=None):
-  from lorax_jax import paths  # pylint: disable=g-import-not-at-top
-  return paths.leaves_with_paths(tree, is_leaf=is_leaf)
+def quant_setting(quant: Any, spec: LeafSpec) -> dict:
+  """A quantization setting for a kernel: int8 channels reduce its in-axes; blockwise types keep
+  its leading stacked axes separate (so scanned layers dequantize one layer at a time)."""
+  setting = dict(quant) if isinstance(quant, tuple) else (
+      dict(quant) if isinstance(quant, dict) else {'type': quant})
+  if setting.get('type', 'nf4') == 'int8':
+    setting.setdefault('axes', spec.in_axes)
+  elif spec.batch_axes == tuple(range(len(spec.batch_axes))):
+    setting.setdefault('stack_axes', len(spec.batch_axes))
+  return setting
 
 
 def quantize(params: Any, rules: Any, **defaults) -> Any:
@@ -345,7 +356,6 @@ def quantize(params: Any, rules: Any, **defaults) -> Any:
     ValueError: a rule that matches no path, an unknown type or key, a block size that does not
       divide the last dimension, or a selected leaf that is not a float array.
   """
-  from lorax_jax import paths, spec as spec_lib  # pylint: disable=g-import-not-at-top
   unknown = sorted(set(defaults) - set(SETTING_KEYS))
   if unknown:
     raise ValueError(f'Unknown quantization keys {unknown}; allowed: {list(SETTING_KEYS)}.')
@@ -353,29 +363,16 @@ def quantize(params: Any, rules: Any, **defaults) -> Any:
     setting = rules if isinstance(rules, dict) else {'type': rules}
     return quantize_array(params, {**defaults, **setting})
   chosen: dict[str, dict] = {}
-  leaves = list(_leaves(params))
   if isinstance(rules, dict):   # an adapter spec
-    for path, s in spec_lib.spec_leaves(rules).items():
-      if s.variant == spec_lib.FULL:
-        continue
-      from lorax_jax import inits  # pylint: disable=g-import-not-at-top
-      chosen[path] = inits.quant_setting(dict(defaults), s)
+    for path, s in spec_leaves(rules).items():
+      if s.variant != FULL:
+        chosen[path] = quant_setting(dict(defaults), s)
   else:
-    rules = [spec_lib.as_rule(r) for r in rules]
-    hits = [False] * len(rules)
-    for path, _, leaf in leaves:
-      for i, rule in enumerate(rules):
-        if re.search(rule.pattern, path):
-          hits[i] = True
-          if rule.setting is not None:
-            setting = rule.setting if isinstance(rule.setting, dict) else {'type': rule.setting}
-            chosen[path] = {**defaults, **setting}
-          break
-    for rule, hit in zip(rules, hits):
-      if not hit and not rule.optional:
-        shown = [p for p, _, _ in leaves][:20]
-        raise ValueError(f'Quantization rule {rule.pattern!r} matches no parameter path; paths '
-                         f'are: {shown}' + (' ...' if len(leaves) > 20 else ''))
+    leaves = [p for p, _, _ in paths.leaves_with_paths(params)]
+    for path, rule in select(leaves, rules, what='Quantization rule').items():
+      if rule.setting is not None:
+        setting = rule.setting if isinstance(rule.setting, dict) else {'type': rule.setting}
+        chosen[path] = {**defaults, **setting}
 
   def visit(kp, x):
     path = paths.path_str(kp)

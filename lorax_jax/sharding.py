@@ -26,6 +26,7 @@ from lorax_jax import adapters as adapters_lib
 from lorax_jax import paths
 from lorax_jax import quant
 from lorax_jax import variants
+from lorax_jax.select import Rule, select
 
 P = PartitionSpec
 MESH_AXES = ('data', 'fsdp', 'tensor')
@@ -84,7 +85,7 @@ def make_mesh(shape: Mapping[str, int] | None = None, *, devices: Sequence[Any] 
 # ---------------------------------------------------------------------------------------------
 # Parameter shardings from rules.
 
-Rule = tuple  # (regex, PartitionSpec | tuple | None | callable(path, shape, mesh) -> spec)
+# A rule: (regex, PartitionSpec | tuple | None | callable(path, shape, mesh) -> spec).
 
 
 def _fsdp_rule(axis: str = 'fsdp', min_size: int = 0):
@@ -199,15 +200,13 @@ def param_shardings(params: Any, mesh: Mesh, rules: Sequence[Rule] = (),
     Shardings for the unboxed parameters (`flax.linen.unbox(params)`).
 
   Raises:
-    ValueError: for a bad regex, a spec naming axes the mesh lacks, or a spec longer than the
-      leaf's rank.
+    ValueError: for a bad regex, a rule that matches no path or is shadowed by earlier rules (the
+      one policy of `lorax_jax.select`), a spec naming axes the mesh lacks, or a spec longer than
+      the leaf's rank.
   """
-  compiled = []
-  for pattern, spec in rules:
-    try:
-      compiled.append((re.compile(pattern), spec))
-    except re.error as e:
-      raise ValueError(f'Sharding rule {pattern!r} is not a valid regex: {e}') from None
+  is_leaf = lambda x: _is_boxed(x) or quant.is_quantized(x)
+  names = [p for p, _, _ in paths.leaves_with_paths(params, is_leaf=is_leaf)]
+  decided = select(names, rules, what='Sharding rule')
 
   def leaf(kp, x):
     path = paths.path_str(kp)
@@ -215,20 +214,18 @@ def param_shardings(params: Any, mesh: Mesh, rules: Sequence[Rule] = (),
     value = x.unbox() if boxed else x
     shape = tuple(np.shape(value))
     spec = None
-    for rx, s in compiled:
-      if rx.search(path):
-        spec = s(path, shape, mesh) if callable(s) else s
-        spec = P() if spec is None else spec
-        break
-    if spec is None and boxed:
+    if path in decided:
+      s = decided[path].setting
+      spec = s(path, shape, mesh) if callable(s) else s
+      spec = P() if spec is None else spec
+    elif boxed:
       spec = _boxed_spec(x, logical_axis_rules)
     spec = _fit(path, shape, spec or P(), mesh)
     if quant.is_quantized(value):
       return _quantized_shardings(path, value, spec, mesh)
     return NamedSharding(mesh, spec)
 
-  return jax.tree_util.tree_map_with_path(
-      leaf, params, is_leaf=lambda x: _is_boxed(x) or quant.is_quantized(x))
+  return jax.tree_util.tree_map_with_path(leaf, params, is_leaf=is_leaf)
 
 
 def _quantized_shardings(path: str, q, spec: PartitionSpec, mesh: Mesh):

@@ -17,10 +17,13 @@ from typing import Any, Callable, Sequence
 import jax.numpy as jnp
 import numpy as np
 
+from lorax_jax import inits
 from lorax_jax import paths
 from lorax_jax import usage as usage_lib
+from lorax_jax import variants
+from lorax_jax.leafspec import FULL, SCALINGS, LeafSpec, spec_leaves  # noqa: F401
+from lorax_jax.select import Rule, as_rule, select  # noqa: F401
 
-SCALINGS = ('alpha/r', 'rslora', 'constant')
 INITS = ('kaiming', 'gaussian', 'pissa', 'milora', 'olora', 'loftq', 'lora_ga', 'eva', 'corda')
 # Weight-aware inits and their options (defaults); see `lorax_jax.inits`.
 INIT_OPTIONS = {
@@ -34,110 +37,6 @@ INIT_OPTIONS = {
 }
 SETTING_KEYS = ('variant', 'rank', 'alpha', 'scaling', 'dropout', 'init', 'init_options', 'dtype',
                 'in_axes', 'out_axes', 'batch_axes')
-FULL = 'full'
-
-
-@dataclasses.dataclass(frozen=True)
-class LeafSpec:
-  """How one parameter leaf is adapted. Static (hashable) metadata, never traced.
-
-  Attributes:
-    variant: registered variant name (`'lora'`, ...) or `'full'` to train the leaf fully.
-    rank: adapter rank r.
-    alpha: scaling numerator; see `scaling`.
-    scaling: `'alpha/r'` (LoRA), `'rslora'` (alpha / sqrt(r)) or `'constant'` (scale = alpha).
-    dropout: LoRA dropout rate on the adapter branch's input (active only with a `lora_rng`).
-    init: initialization: `'kaiming'` (A uniform, as torch's Linear) or `'gaussian'` with B = 0,
-      or a weight-aware init of `lorax_jax.inits` (`'pissa'` (or PEFT's `'pissa_niter_K'`),
-      `'milora'`, `'olora'`, `'loftq'`, and the calibrated `'lora_ga'`, `'eva'`, `'corda'`).
-    init_options: the init's settings (`INIT_OPTIONS`), as sorted `(key, value)` pairs with
-      defaults filled in; read them with `init_opt(key)`.
-    dtype: adapter dtype name, or None for the base leaf's dtype.
-    shape: the base leaf's shape.
-    batch_axes: stacked (scanned / vmapped) axes of the kernel; adapters are stacked over them.
-    in_axes: axes contracted with the layer input (A's side).
-    out_axes: axes that form the layer output (B's side).
-    options: variant-specific settings (`Variant.options` keys), as sorted `(key, value)` pairs
-      with the variant's defaults filled in; read them with `opt(key)`.
-    path: the leaf's '/'-joined parameter path.
-    rule: the pattern of the rule that selected the leaf.
-  """
-  variant: str
-  rank: int = 0
-  alpha: float = 0.0
-  scaling: str = 'alpha/r'
-  dropout: float = 0.0
-  init: str = 'kaiming'
-  dtype: str | None = None
-  shape: tuple[int, ...] = ()
-  batch_axes: tuple[int, ...] = ()
-  in_axes: tuple[int, ...] = ()
-  out_axes: tuple[int, ...] = ()
-  options: tuple[tuple[str, Any], ...] = ()
-  path: str = ''
-  rule: str = ''
-  init_options: tuple[tuple[str, Any], ...] = ()
-
-  def init_opt(self, key: str) -> Any:
-    """The value of init option `key`."""
-    for k, v in self.init_options:
-      if k == key:
-        return v
-    raise KeyError(f'{self.init!r} init for {self.path!r} has no option {key!r}.')
-
-  def opt(self, key: str) -> Any:
-    """The value of variant option `key`."""
-    for k, v in self.options:
-      if k == key:
-        return v
-    raise KeyError(f'{self.variant!r} spec for {self.path!r} has no option {key!r}.')
-
-  @property
-  def scale(self) -> float:
-    if self.scaling == 'alpha/r':
-      return self.alpha / self.rank
-    if self.scaling == 'rslora':
-      return self.alpha / math.sqrt(self.rank)
-    return float(self.alpha)
-
-  @property
-  def batch_shape(self) -> tuple[int, ...]:
-    return tuple(self.shape[d] for d in self.batch_axes)
-
-  @property
-  def in_shape(self) -> tuple[int, ...]:
-    return tuple(self.shape[d] for d in self.in_axes)
-
-  @property
-  def out_shape(self) -> tuple[int, ...]:
-    return tuple(self.shape[d] for d in self.out_axes)
-
-  @property
-  def kinds(self) -> tuple[str, ...]:
-    """Per axis of the kernel: `'b'` (batch/stacked), `'i'` (in) or `'o'` (out)."""
-    kinds = ['b'] * len(self.shape)
-    for d in self.in_axes:
-      kinds[d] = 'i'
-    for d in self.out_axes:
-      kinds[d] = 'o'
-    return tuple(kinds)
-
-
-@dataclasses.dataclass(frozen=True)
-class Rule:
-  """One selection rule. `optional=True` rules may match nothing (used by presets)."""
-  pattern: str
-  setting: Any
-  optional: bool = False
-
-
-def as_rule(rule: Any) -> Rule:
-  """A `Rule` from a `(regex, setting[, optional])` tuple (or a `Rule`)."""
-  if isinstance(rule, Rule):
-    return rule
-  if isinstance(rule, (tuple, list)) and len(rule) in (2, 3):
-    return Rule(*rule)
-  raise ValueError(f'A rule must be (regex, setting) or Rule(...); got {rule!r}.')
 
 
 def dense_kernels(exclude: Sequence[str] = ('embed', 'head', 'classifier', 'logits', 'lm_head'),
@@ -238,19 +137,17 @@ def _init_setting(path, variant, init, options):
 
 
 def _variant_options() -> set[str]:
-  from lorax_jax import variants  # pylint: disable=g-import-not-at-top
   return {k for name in variants.names() for k in variants.get(name).options}
 
 
-def _leaf_spec(path, leaf, setting, defaults, inferred, rule='') -> LeafSpec | None:
-  from lorax_jax import variants  # pylint: disable=g-import-not-at-top
+def _leaf_spec(path, leaf, setting, defaults, inferred) -> LeafSpec | None:
   if setting is None:
     return None
   if isinstance(setting, str):
     setting = {'variant': setting}
   if isinstance(setting, LeafSpec):
     setting = {**{f.name: getattr(setting, f.name) for f in dataclasses.fields(setting)
-                  if f.name not in ('shape', 'options', 'path', 'rule', 'init_options')},
+                  if f.name not in ('shape', 'options', 'init_options')},
                'init_options': dict(setting.init_options),
                **dict(setting.options)}
   if not isinstance(setting, dict):
@@ -313,11 +210,12 @@ def _leaf_spec(path, leaf, setting, defaults, inferred, rule='') -> LeafSpec | N
     options.append((key, value))
   spec = LeafSpec(variant=variant, rank=int(rank), alpha=alpha, scaling=scaling, dropout=dropout,
                   init=init, dtype=adapter_dtype, shape=shape, batch_axes=batch_axes,
-                  in_axes=in_axes, out_axes=out_axes, options=tuple(options), path=path,
-                  rule=rule, init_options=init_options)
+                  in_axes=in_axes, out_axes=out_axes, options=tuple(options),
+                  init_options=init_options)
   variants.get(variant).check(path, spec)
+  if variants.get(variant).bind is not None:
+    spec = variants.get(variant).bind(path, spec)
   if init in INIT_OPTIONS:
-    from lorax_jax import inits  # pylint: disable=g-import-not-at-top
     inits.check(path, spec)
   return spec
 
@@ -357,42 +255,14 @@ def make_spec(params: Any, rules: Sequence[Any], *, fn: Callable | None = None,
   if unknown:
     raise ValueError(f'Unknown defaults {unknown}; allowed: {list(SETTING_KEYS)} and the '
                      f'variant options {sorted(_variant_options())}.')
-  rules = [as_rule(r) for r in rules]
-  compiled = []
-  for rule in rules:
-    try:
-      compiled.append(re.compile(rule.pattern))
-    except re.error as e:
-      raise ValueError(f'Rule pattern {rule.pattern!r} is not a valid regex: {e}') from None
   leaves = list(paths.leaves_with_paths(params))
+  decided = select([p for p, _, _ in leaves], rules, what='Rule')
   inferred = usage_lib.infer_axes(fn, params, *args, **(kwargs or {})) if fn is not None else {}
-  hits = [False] * len(rules)
-  wins = [False] * len(rules)
   items = {}
   for path, keys, leaf in leaves:
-    setting, decided, pattern = None, False, ''
-    for i, rx in enumerate(compiled):
-      if rx.search(path):
-        hits[i] = True
-        if not decided:
-          wins[i], decided, setting, pattern = True, True, rules[i].setting, rules[i].pattern
-    items[keys] = _leaf_spec(path, leaf, setting, defaults, inferred.get(path), pattern)
-  for rule, hit, win in zip(rules, hits, wins):
-    if rule.optional or win:
-      continue
-    if not hit:
-      shown = [p for p, _, _ in leaves][:20]
-      raise ValueError(f'Rule {rule.pattern!r} matches no parameter path; paths are: {shown}'
-                       + (' ...' if len(leaves) > 20 else ''))
-    raise ValueError(f'Rule {rule.pattern!r} has no effect: every path it matches is decided by '
-                     'an earlier rule (first match wins). Remove it or move it up.')
+    setting = decided[path].setting if path in decided else None
+    items[keys] = _leaf_spec(path, leaf, setting, defaults, inferred.get(path))
   return paths.nest(items)
-
-
-def spec_leaves(spec: dict[str, Any]) -> dict[str, LeafSpec]:
-  """`{path: LeafSpec}` for the adapted or fully trained leaves of a spec."""
-  flat = paths.flat(spec, is_leaf=lambda x: x is None or isinstance(x, LeafSpec))
-  return {p: s for p, s in flat.items() if s is not None}
 
 
 def summary(params: Any, spec: dict[str, Any], *, print_fn: Callable[[str], Any] | None = print
@@ -401,7 +271,6 @@ def summary(params: Any, spec: dict[str, Any], *, print_fn: Callable[[str], Any]
 
   The last line gives the total trainable parameters and their fraction of the base model.
   """
-  from lorax_jax import variants  # pylint: disable=g-import-not-at-top
   specs = spec_leaves(spec)
   total = 0
   rows = []

@@ -95,3 +95,30 @@ def test_registry_errors():
              "'tied_lora', 'vera']")
   with pytest.raises(ValueError, match=re.escape(f"Unknown variant 'nope'; allowed: {allowed}")):
     variants.get('nope')
+
+
+@pytest.mark.parametrize('variant', ['lora', 'dora', 'nola', 'tied_lora'])
+def test_trees_from_differently_worded_rules_combine(variant):
+  """Adapter states carry no path or rule text: arithmetic and stacking are plain tree ops."""
+  params = {'enc': {'kernel': jax.random.normal(jax.random.key(0), (6, 5))},
+            'dec': {'kernel': jax.random.normal(jax.random.key(1), (5, 6))}}
+  setting = {'variant': variant, 'rank': 2}
+  spec1 = lj.make_spec(params, [(r'(enc|dec)/kernel$', setting)])
+  spec2 = lj.make_spec(params, [(r'^enc/', setting), (r'kernel', setting)])
+  _, a1 = lj.init(jax.random.key(2), params, spec1)
+  _, a2 = lj.init(jax.random.key(3), params, spec2)
+  a1 = helpers.randomize(a1, jax.random.key(4))
+  a2 = helpers.randomize(a2, jax.random.key(5))
+  mean = jax.tree.map(lambda x, y: (x + y) / 2, a1, a2)
+  stacked = jax.tree.map(lambda x, y: jnp.stack([x, y]), a1, a2)
+  assert jax.tree.map(lambda s: s.shape[0], stacked) == jax.tree.map(lambda _: 2, a1)
+
+  def fn(p, x):
+    return jnp.tanh(x @ p['enc']['kernel']) @ p['dec']['kernel']
+
+  x = jax.random.normal(jax.random.key(6), (4, 6))
+  out = jax.jit(lj.lora(fn, strict=True))(lj.join(params, mean), x)
+  ref = helpers.f64_reference(fn, params, mean, x)
+  assert helpers.rel_err(out, ref) < helpers.TOL[jnp.float32]
+  # The average of the trees is a different model from either one.
+  assert helpers.rel_err(helpers.f64_reference(fn, params, a1, x), ref) > 1e-3

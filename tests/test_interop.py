@@ -16,6 +16,7 @@ import pytest
 import lorax_jax as lj
 from lorax_jax import interop
 from lorax_jax.models import bert, hf, hf_mapping, load_hf_gpt2, load_hf_llama, load_hf_vit
+from tests import helpers
 
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
@@ -70,10 +71,11 @@ def _rel(a, b):
 
 def _random_adapters(adapters, key):
   """Non-zero random A and B (and a perturbed magnitude for DoRA)."""
-  def one(ad):
+  def one(kp, ad):
     if isinstance(ad, lj.FullParams):
       return lj.FullParams(ad.value * 1.5 + 0.1, ad.spec)
-    ka, kb, km = jax.random.split(jax.random.fold_in(key, zlib.crc32(ad.spec.path.encode())), 3)
+    path = lj.paths.path_str(kp)
+    ka, kb, km = jax.random.split(jax.random.fold_in(key, zlib.crc32(path.encode())), 3)
     # Entries of s*A@B about 0.005, a tenth of a typical weight: a clear change that keeps
     # attention out of saturation, where float32 rounding would be amplified.
     d_in = np.prod(ad.spec.in_shape)
@@ -84,7 +86,7 @@ def _random_adapters(adapters, key):
       m = ad.magnitude * (1 + 0.2 * jax.random.normal(km, ad.magnitude.shape))
       return lj.DoraParams(a, b, m, ad.spec)
     return type(ad)(a, b, ad.spec)
-  return jax.tree_util.tree_map(one, adapters, is_leaf=lj.adapters.is_adapter)
+  return jax.tree_util.tree_map_with_path(one, adapters, is_leaf=lj.adapters.is_adapter)
 
 
 @pytest.mark.parametrize('variant,scaling', [('lora', 'alpha/r'), ('lora', 'rslora'),
@@ -469,3 +471,27 @@ def test_round_trip_constant_scale_lora_fa_and_a_dict_name_map(tmp_path):
   ours = np.asarray(lj.lora(lambda p, v: MLP().apply({'params': p}, v))(
       lj.join(params, adapters), x))
   assert _rel(ours, theirs) < 1e-5
+
+
+def test_load_peft_tree_averages_with_a_native_one(minilm, tmp_path):
+  """A tree read from PEFT files and one made from (differently worded) rules have the same
+  structure: `jax.tree.map` averages them, and the average runs factored (strict)."""
+  model, params, ids, mask, names = minilm
+  use = dict(fn=_apply(model), args=(ids, mask))
+  spec = lj.make_spec(params, [(ATTENTION_MLP, {'rank': 4, 'alpha': 8.0})], **use)
+  _, native = lj.init(jax.random.key(0), params, spec)
+  native = _random_adapters(native, jax.random.key(1))
+  lj.save_peft(str(tmp_path), _random_adapters(native, jax.random.key(2)), spec, names,
+               params=params)
+  _, loaded = lj.load_peft(str(tmp_path), params, names)
+  setting = {'rank': 4, 'alpha': 8.0}
+  spec2 = lj.make_spec(params, [(r'layer\d/(query|key|value|out)/kernel', setting),
+                                (r'(intermediate|output)/kernel', setting)], **use)
+  _, other = lj.init(jax.random.key(3), params, spec2)
+  other = _random_adapters(other, jax.random.key(4))
+  mean = jax.tree.map(lambda *xs: sum(xs) / 3, native, loaded, other)
+  fn = lambda p, i, m: model.apply({'params': p}, i, m, method=model.embed)
+  ours = _jax_embed(model, params, mean, ids, mask)
+  ref = helpers.f64_reference(fn, params, mean, ids, mask)
+  assert _rel(ours, ref) < 1e-4
+  assert _rel(_jax_embed(model, params, native, ids, mask), ref) > 1e-3

@@ -1,5 +1,7 @@
 """Quantized frozen bases: formats, round trips, QLoRA through `lora(fn)`, merging, sharding."""
 
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -269,3 +271,11 @@ def test_quantized_base_shardings():
       lj.join(sh.place(qparams, base_sh), sh.place(adapters, ad_sh)), x)
   ref = jax.jit(lj.lora(fn, strict=True))(lj.join(qparams, adapters), x)
   np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_quantization_rule_shadowed_raises():
+  params = {'a': {'kernel': jax.random.normal(jax.random.key(0), (8, 64))}}
+  with pytest.raises(ValueError, match=re.escape("Quantization rule 'a/kernel' has no effect")):
+    lj.quantize(params, [(r'kernel$', 'nf4'), (r'a/kernel', 'int8')])
+  with pytest.raises(ValueError, match=re.escape("Quantization rule 'nothing' matches no")):
+    lj.quantize(params, [(r'kernel$', 'nf4'), ('nothing', 'int8')])

@@ -331,3 +331,13 @@ def test_train_step_with_shardings_matches_unsharded():
   for leaf, want in zip(jax.tree_util.tree_leaves(a2), jax.tree_util.tree_leaves(
       ad_sh, is_leaf=lambda x: isinstance(x, jax.sharding.NamedSharding))):
     assert leaf.sharding.is_equivalent_to(want, leaf.ndim)
+
+
+def test_sharding_rule_that_matches_nothing_raises():
+  """One rule engine (`lorax_jax.select`), one policy: a mistyped rule is never ignored."""
+  _, params, _ = _decoder()
+  mesh = sh.make_mesh({'fsdp': 8})
+  with pytest.raises(ValueError, match=re.escape("Sharding rule 'qurey/kernel' matches no")):
+    sh.param_shardings(params, mesh, [('qurey/kernel', P('fsdp')), ('.*', P())])
+  with pytest.raises(ValueError, match=re.escape("Sharding rule 'query' has no effect")):
+    sh.param_shardings(params, mesh, [('.*', P()), ('query', P('fsdp'))])

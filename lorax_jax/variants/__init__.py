@@ -5,7 +5,12 @@ A new variant is a new module with a factory returning a `Variant`, and one entr
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from lorax_jax import quant
 
 from lorax_jax.variants import base  # noqa: F401  (variants.base)
 from lorax_jax.variants.adalora import AdaloraParams, adalora
@@ -57,10 +62,27 @@ def get(name: str) -> Variant:
   return _CACHE[name]
 
 
+def merged_leaf(w: jax.Array, adapter: Any, sign: int = 1, requantize: bool = False) -> Any:
+  """W + sign * dW for one leaf, computed in the promoted dtype of W and the adapter.
+
+  Fully trained leaves give their trained value on merge and keep `w` on unmerge. A quantized
+  base is dequantized first; the result is a float leaf, or with `requantize` quantized again
+  in the base's format (which adds one rounding of the merged weight).
+  """
+  if quant.is_quantized(w):
+    out = merged_leaf(quant.dequantize_array(w), adapter, sign)
+    return quant.requantize_like(out, w) if requantize else out
+  if isinstance(adapter, FullParams):
+    return adapter.value if sign > 0 else w
+  cd = jnp.promote_types(w.dtype, jax.tree_util.tree_leaves(adapter)[0].dtype)
+  dw = get(adapter.spec.variant).delta(w.astype(cd), adapter)
+  return (w.astype(cd) + sign * dw.astype(cd)).astype(w.dtype)
+
+
 __all__ = [
     'AdaloraParams', 'DoraParams', 'Factored', 'FullParams', 'LohaParams', 'LokrParams',
     'LoraFaParams', 'LoraParams', 'LoraXsParams', 'NolaParams', 'SoraParams', 'Tie',
     'TiedLoraParams', 'Variant', 'VeraParams',
     'adalora', 'dora', 'get', 'loha', 'lokr', 'lora', 'lora_fa', 'lora_fa_preconditioner',
-    'lora_xs', 'names', 'nola', 'register', 'sora', 'tied_lora', 'vera',
+    'lora_xs', 'merged_leaf', 'names', 'nola', 'register', 'sora', 'tied_lora', 'vera',
 ]

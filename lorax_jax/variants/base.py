@@ -16,7 +16,7 @@ from typing import Any, Callable, Mapping, NamedTuple, Optional
 
 import jax
 
-from lorax_jax.spec import LeafSpec
+from lorax_jax.leafspec import LeafSpec
 
 FROZEN = 'frozen'
 LORA_A = 'lora_a'
@@ -85,6 +85,8 @@ class Variant(NamedTuple):
     tie: optional `Tie` for variants that share arrays across leaves.
     layout: `(spec) -> {field: axes}`: for every array axis of each field, the kernel axis it
       spans (or None: a rank or coefficient axis). Sharding derives adapter shardings from it.
+    bind: optional `(path, spec) -> spec`, run once at selection: per-leaf settings derived from
+      the leaf's path (NOLA's basis salt), so the adapter state itself never holds the path.
   """
   name: str
   init: Callable[[jax.Array, jax.Array, LeafSpec], tuple[jax.Array, Any]]
@@ -97,6 +99,7 @@ class Variant(NamedTuple):
   merge_cache: Optional[Callable[[jax.Array, Any], jax.Array]] = None
   tie: Optional[Tie] = None
   layout: Optional[Callable[[LeafSpec], dict[str, tuple]]] = None
+  bind: Optional[Callable[[str, LeafSpec], LeafSpec]] = None
 
 
 @jax.tree_util.register_dataclass

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from lorax_jax import layout
-from lorax_jax.spec import LeafSpec
+from lorax_jax.leafspec import LeafSpec
 
 
 WEIGHT_AWARE = ('pissa', 'milora', 'olora', 'loftq', 'lora_ga', 'eva', 'corda')

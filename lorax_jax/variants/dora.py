@@ -22,7 +22,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from lorax_jax.spec import LeafSpec
+from lorax_jax.leafspec import LeafSpec
 from lorax_jax.variants import common
 from lorax_jax.variants.base import Factored, Variant, b_field, static_field
 
@@ -94,7 +94,7 @@ def dora() -> Variant:
   def unmerge(w_merged, p: DoraParams, cache):
     if cache is None:
       raise ValueError(
-          f'DoRA leaf {p.spec.path!r} cannot be unmerged without the column norms of W + s*A@B '
+          'A DoRA leaf cannot be unmerged without the column norms of W + s*A@B '
           'computed at merge: use `merged, cache = merge(params, adapters, return_cache=True)` '
           'and `unmerge(merged, adapters, cache=cache)`.')
     cd = common.compute_dtype(w_merged, p.a)

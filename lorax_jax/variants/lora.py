@@ -14,7 +14,7 @@ import math
 import jax
 
 from lorax_jax import layout
-from lorax_jax.spec import LeafSpec
+from lorax_jax.leafspec import LeafSpec
 from lorax_jax.variants import common
 from lorax_jax.variants.base import Factored, Variant
 
@@ -40,7 +40,7 @@ def lora() -> Variant:
     if spec.init in common.WEIGHT_AWARE:
       from lorax_jax import inits  # pylint: disable=g-import-not-at-top
       if spec.init not in inits.WEIGHT:
-        raise ValueError(f'init {spec.init!r} for {spec.path!r} needs calibration data: pass '
+        raise ValueError(f'init {spec.init!r} needs calibration data: pass '
                          'fn= and batches= to lorax_jax.init.')
       w, a, b = inits.weight_init(key, w, spec)
       return w, LoraParams(a, b, spec)

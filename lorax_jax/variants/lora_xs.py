@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from lorax_jax import layout
-from lorax_jax.spec import LeafSpec
+from lorax_jax.leafspec import LeafSpec
 from lorax_jax.variants import common
 from lorax_jax.variants.base import Factored, Variant, frozen_field, static_field
 

@@ -4,7 +4,8 @@
 
 Only the coefficients alpha, beta (`num_basis` each) train. The bases A_i, B_j (entries
 U[-1, 1] / sqrt(num_basis)) and A0 (Kaiming-uniform, as the official code) are never stored:
-they are regenerated inside each step from the static `seed` and the kernel's path, per kernel
+they are regenerated inside each step from the static `seed` and the kernel's `salt` (by default
+the crc32 of its path, set at selection, so every kernel gets its own bases), per kernel
 (and per stacked layer). alpha = beta = 0 at init, so B = 0 and the first forward equals the
 base; beta gets a gradient through A0.
 """
@@ -13,12 +14,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import zlib
 
 import jax
 import jax.numpy as jnp
 
 from lorax_jax import layout
-from lorax_jax.spec import LeafSpec
+from lorax_jax.leafspec import LeafSpec
 from lorax_jax.variants import common
 from lorax_jax.variants.base import Factored, Variant, b_field, static_field
 
@@ -36,7 +38,7 @@ def bases(spec: LeafSpec, dtype=jnp.float32):
   """(A0, A_i, B_j) of one kernel: batch + in + (r,), batch + (k,) + in + (r,), and
   batch + (k, r) + out."""
   k = spec.opt('num_basis')
-  key = common.seeded_key(spec.opt('seed'), 'nola', spec.path, spec.shape)
+  key = common.seeded_key(spec.opt('seed'), 'nola', spec.opt('salt'), spec.shape)
   k0, ka, kb = jax.random.split(key, 3)
   bs, ins, outs, r = spec.batch_shape, spec.in_shape, spec.out_shape, spec.rank
   a0 = common.kaiming_uniform(k0, bs + ins + (r,), math.prod(ins), dtype)
@@ -75,8 +77,17 @@ def nola() -> Variant:
   def check(path, spec):
     common.check_int(path, spec, 'num_basis', 1)
     common.check_int(path, spec, 'seed', 0)
+    if spec.opt('salt') is not None:
+      common.check_int(path, spec, 'salt', 0)
+
+  def bind(path, spec):
+    if spec.opt('salt') is not None:
+      return spec
+    options = tuple((k, zlib.crc32(path.encode()) & 0x7FFFFFFF if k == 'salt' else v)
+                    for k, v in spec.options)
+    return dataclasses.replace(spec, options=options)
 
   return Variant('nola', init, delta, factored, num_params, check,
-                 options={'num_basis': 64, 'seed': 0},
+                 options={'num_basis': 64, 'seed': 0, 'salt': None}, bind=bind,
                  layout=lambda s: {'alpha': common.axes_batch(s, 1),
                                    'beta': common.axes_batch(s, 1)})

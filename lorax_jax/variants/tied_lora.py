@@ -2,9 +2,9 @@
 
     dW_l = s * (A * v_l) @ B * u_l        A: (d_in, r), B: (r, d_out) shared; u_l (d_out), v_l (r)
 
-A and B are shared by every kernel of a tie group: by default the kernels selected by the same
-rule with the same shape (e.g. every layer's query projection), or those with the same `group`
-option; a stacked (scanned) kernel shares them across its stack. The first kernel of a group (in
+A and B are shared by every kernel of a tie group: the kernels with the same `group` option
+(a string, default '') and the same in/out shape, rank and dtype (so by default every layer's
+query projection ties with the others of its shape, as in the paper); a stacked (scanned) kernel shares them across its stack. The first kernel of a group (in
 parameter order) holds them in the adapter tree; the others hold only their u, v, and `join` /
 `merge` give them the shared pair. Init: A as LoRA, B = 0, u = v = 1 (first forward = base).
 """
@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from lorax_jax import layout
-from lorax_jax.spec import LeafSpec
+from lorax_jax.leafspec import LeafSpec
 from lorax_jax.variants import common
 from lorax_jax.variants.base import Factored, Tie, Variant, b_field, static_field
 
@@ -38,8 +38,7 @@ class TiedLoraParams:
 
 
 def _key(spec: LeafSpec):
-  group = spec.opt('group') or spec.rule
-  return (group, spec.in_shape, spec.out_shape, spec.rank, spec.dtype)
+  return (spec.opt('group'), spec.in_shape, spec.out_shape, spec.rank, spec.dtype)
 
 
 def tied_lora() -> Variant:
@@ -57,7 +56,7 @@ def tied_lora() -> Variant:
     del w
     s = p.spec
     if p.a is None:
-      raise ValueError(f'Tied-LoRA leaf {s.path!r} has no shared pair: pass it through `join` '
+      raise ValueError('A Tied-LoRA leaf has no shared pair: pass it through `join` '
                        '(or `merge`) with the whole adapter tree.')
     nb, ni = len(s.batch_shape), len(s.in_shape)
     a = p.a.reshape((1,) * nb + p.a.shape) * p.v.reshape(s.batch_shape + (1,) * ni + (-1,))
