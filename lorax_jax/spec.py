@@ -3,8 +3,13 @@
 A spec is a nested dict shaped like the parameters (the same '/'-joined paths) whose leaves are a
 `LeafSpec` or `None` (frozen). It is built from ordered `(regex, setting)` rules, first match wins:
 
->>> rules = [(r'head', 'full'), (r'.*kernel$', {'rank': 4, 'alpha': 8})]
->>> spec = make_spec(params, rules)            # doctest: +SKIP
+>>> params = {'dense': {'kernel': jnp.ones((16, 8)), 'bias': jnp.zeros(8)},
+...           'head': {'kernel': jnp.ones((8, 2))}}
+>>> spec = make_spec(params, [(r'head', 'full'), (r'kernel$', {'rank': 4, 'alpha': 8})])
+>>> spec['dense']['kernel'].rank, spec['dense']['kernel'].scale, spec['head']['kernel'].variant
+(4, 2.0, 'full')
+>>> print(summary(params, spec, print_fn=None).splitlines()[-1])
+trainable 112 of 152 base parameters (73.6842%)
 """
 
 from __future__ import annotations

@@ -1,7 +1,9 @@
-"""Law tests for every supported layer kind, in linen and NNX, for float32 and bfloat16 bases.
+"""Every supported layer kind, in linen and NNX, for float32 and bfloat16 bases: LoRA's laws.
 
 identity at init; factored == float64 merged reference; unmerge(merge(W)) == W; adapter count
-equals the formula, with in/out axes inferred from use.
+equals the formula, with in/out axes inferred from use. The law table of tests/test_variants.py
+runs every variant (LoRA included) on a spread of these layer kinds (`VARIANT_LAYERS`); the laws
+here run LoRA on the remaining (layer kind, dtype) pairs, so each pair is tested once.
 """
 
 from __future__ import annotations
@@ -153,6 +155,17 @@ def _cases():
 
 CASES = _cases()
 DTYPES = [jnp.float32, jnp.bfloat16]
+# The layer kinds of the variant law table (tests/test_variants.py), float32, and the ones it
+# also runs in bfloat16.
+VARIANT_LAYERS = ['linen_dense', 'linen_densegeneral_in', 'nnx_linear_general',
+                  'linen_einsum_transposed', 'linen_conv', 'linen_embed', 'linen_embed_attend',
+                  'linen_scan', 'linen_vmap']
+VARIANT_BF16_LAYERS = ['linen_dense', 'linen_embed_attend', 'linen_scan']
+_in_variant_table = lambda name, dtype: name in (
+    VARIANT_LAYERS if dtype == jnp.float32 else VARIANT_BF16_LAYERS)
+REST = [(n, d) for n in CASES for d in DTYPES if not _in_variant_table(n, d)]
+REST_F32 = [n for n in CASES if n not in VARIANT_LAYERS]
+_case_ids = lambda x: jnp.dtype(x).name if not isinstance(x, str) else x
 
 
 def _setup(name, dtype):
@@ -165,23 +178,22 @@ def _setup(name, dtype):
   return case, params, args, adapters
 
 
-@pytest.mark.parametrize('dtype', DTYPES, ids=lambda d: jnp.dtype(d).name)
-@pytest.mark.parametrize('name', list(CASES))
+@pytest.mark.parametrize('name,dtype', REST, ids=_case_ids)
 def test_identity_at_init(name, dtype):
   case, params, args, adapters = _setup(name, dtype)
   helpers.assert_identity_at_init(case.fn, params, adapters, *args)
 
 
-@pytest.mark.parametrize('dtype', DTYPES, ids=lambda d: jnp.dtype(d).name)
-@pytest.mark.parametrize('name', list(CASES))
+@pytest.mark.parametrize('name,dtype', REST, ids=_case_ids)
 def test_factored_matches_float64_merged(name, dtype):
   case, params, args, adapters = _setup(name, dtype)
   adapters = helpers.randomize(adapters, jax.random.key(3))
   helpers.assert_factored_and_merged_match_float64(case.fn, params, adapters, args, dtype)
 
 
-@pytest.mark.parametrize('dtype', DTYPES, ids=lambda d: jnp.dtype(d).name)
-@pytest.mark.parametrize('name', list(CASES))
+@pytest.mark.parametrize('name,dtype', [(n, d) for n in CASES for d in DTYPES
+                                        if d == jnp.bfloat16 or n not in VARIANT_LAYERS],
+                         ids=_case_ids)
 def test_unmerge_merge_roundtrip(name, dtype):
   _, params, _, adapters = _setup(name, dtype)
   adapters = helpers.randomize(adapters, jax.random.key(4), scale=0.1)
@@ -206,7 +218,7 @@ def test_param_count_and_inferred_axes(name):
             int(np.prod(s.out_shape))) == (stack, d_in, d_out)
 
 
-@pytest.mark.parametrize('name', list(CASES))
+@pytest.mark.parametrize('name', REST_F32)
 def test_gradients_only_for_adapters_and_base_unchanged(name):
   case, params, args, adapters = _setup(name, jnp.float32)
   adapters = helpers.randomize(adapters, jax.random.key(5), scale=0.1)

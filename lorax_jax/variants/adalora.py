@@ -15,6 +15,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lorax_jax import layout
 from lorax_jax.leafspec import LeafSpec
@@ -42,6 +43,14 @@ def effective_p(ad: AdaloraParams) -> jax.Array:
   lam = ad.lam * jax.lax.stop_gradient(ad.mask).astype(ad.lam.dtype)
   lam = lam.reshape(s.batch_shape + (1,) * len(s.in_shape) + (lam.shape[-1],))
   return ad.p * lam.astype(ad.p.dtype)
+
+
+def reference(w, p):
+  """The paper's merged kernel, W + s P diag(lambda * mask) Q, in float64 NumPy for a 2-D
+  kernel `w` (the law tests check `merge` against it)."""
+  f = lambda x: np.asarray(x, np.float64)
+  w = f(w)
+  return w + p.spec.scale * (f(p.p) * (f(p.lam) * f(p.mask))) @ f(p.q)
 
 
 def adalora() -> Variant:
@@ -72,4 +81,4 @@ def adalora() -> Variant:
     return {'p': common.axes_a(spec), 'lam': common.axes_batch(spec, 1),
             'q': common.axes_b(spec), 'mask': common.axes_batch(spec, 1)}
 
-  return Variant('adalora', init, delta, factored, num_params, layout=lay)
+  return Variant('adalora', init, delta, factored, num_params, layout=lay, reference=reference)

@@ -85,6 +85,9 @@ class Variant(NamedTuple):
     tie: optional `Tie` for variants that share arrays across leaves.
     layout: `(spec) -> {field: axes}`: for every array axis of each field, the kernel axis it
       spans (or None: a rank or coefficient axis). Sharding derives adapter shardings from it.
+    reference: optional `(w, adapter) -> W'`: the paper's formula for the merged kernel, in
+      float64 NumPy for a 2-D kernel, written independently of `delta` and `factored`; the law
+      tests (tests/test_variants.py) check every variant's `merge` against it.
     bind: optional `(path, spec) -> spec`, run once at selection: per-leaf settings derived from
       the leaf's path (NOLA's basis salt), so the adapter state itself never holds the path.
   """
@@ -100,6 +103,7 @@ class Variant(NamedTuple):
   tie: Optional[Tie] = None
   layout: Optional[Callable[[LeafSpec], dict[str, tuple]]] = None
   bind: Optional[Callable[[str, LeafSpec], LeafSpec]] = None
+  reference: Optional[Callable[[Any, Any], Any]] = None
 
 
 @jax.tree_util.register_dataclass

@@ -21,6 +21,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lorax_jax.leafspec import LeafSpec
 from lorax_jax.variants import common
@@ -61,6 +62,15 @@ def _adapted(w, p: DoraParams):
   wa = wm + p.spec.scale * ab
   n = jnp.sqrt(jnp.sum(jnp.square(wa), axis=-2))
   return wa, n
+
+
+def reference(w, p):
+  """The paper's merged kernel, m (W + s A B) / ||W + s A B||_c (column norms over the input
+  axis), in float64 NumPy for a 2-D kernel `w` (the law tests check `merge` against it)."""
+  f = lambda x: np.asarray(x, np.float64)
+  w = f(w)
+  wa = w + p.spec.scale * f(p.a) @ f(p.b)
+  return f(p.magnitude) * wa / np.linalg.norm(wa, axis=0)
 
 
 def dora() -> Variant:
@@ -112,4 +122,5 @@ def dora() -> Variant:
 
   return Variant('dora', init, delta, factored, num_params, unmerge=unmerge,
                  merge_cache=merge_cache,
-                 layout=lambda s: {**common.lora_layout(s), 'magnitude': common.axes_out(s)})
+                 layout=lambda s: {**common.lora_layout(s), 'magnitude': common.axes_out(s)},
+                 reference=reference)

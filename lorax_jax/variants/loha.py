@@ -17,6 +17,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lorax_jax import layout
 from lorax_jax.leafspec import LeafSpec
@@ -44,6 +45,14 @@ def khatri_rao(p: LohaParams):
   b = jnp.expand_dims(p.b1, nb + 1) * jnp.expand_dims(p.b2, nb)
   b = b.reshape(b.shape[:nb] + (r * r,) + b.shape[nb + 2:])
   return a, b
+
+
+def reference(w, p):
+  """The paper's merged kernel, W + s (A1 B1) * (A2 B2) (Hadamard product), in float64 NumPy
+  for a 2-D kernel `w` (the law tests check `merge` against it)."""
+  f = lambda x: np.asarray(x, np.float64)
+  w = f(w)
+  return w + p.spec.scale * (f(p.a1) @ f(p.b1)) * (f(p.a2) @ f(p.b2))
 
 
 def loha() -> Variant:
@@ -79,4 +88,5 @@ def loha() -> Variant:
 
   return Variant('loha', init, delta, factored, num_params,
                  layout=lambda s: {'a1': common.axes_a(s), 'b1': common.axes_b(s),
-                                   'a2': common.axes_a(s), 'b2': common.axes_b(s)})
+                                   'a2': common.axes_a(s), 'b2': common.axes_b(s)},
+                 reference=reference)

@@ -20,6 +20,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lorax_jax.leafspec import LeafSpec
 from lorax_jax.variants import common
@@ -68,6 +69,14 @@ def _kron(x, y):
   """Batched kron over the last two axes."""
   out = jnp.einsum('...ij,...kl->...ikjl', x, y)
   return out.reshape(out.shape[:-4] + (x.shape[-2] * y.shape[-2], x.shape[-1] * y.shape[-1]))
+
+
+def reference(w, p):
+  """The paper's merged kernel, W + s C kron (A B), in float64 NumPy for a 2-D kernel `w` (the
+  law tests check `merge` against it)."""
+  f = lambda x: np.asarray(x, np.float64)
+  w = f(w)
+  return w + p.spec.scale * np.kron(f(p.c), f(p.a) @ f(p.b))
 
 
 def lokr() -> Variant:
@@ -120,4 +129,5 @@ def lokr() -> Variant:
                        f'smaller side of its low-rank Kronecker factor ({q} x {v}).')
 
   return Variant('lokr', init, delta, factored, num_params, check, options={'factor': -1},
-                 layout=lambda s: {k: common.axes_batch(s, 2) for k in ('c', 'a', 'b')})
+                 layout=lambda s: {k: common.axes_batch(s, 2) for k in ('c', 'a', 'b')},
+                 reference=reference)

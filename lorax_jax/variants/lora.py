@@ -12,6 +12,7 @@ import dataclasses
 import math
 
 import jax
+import numpy as np
 
 from lorax_jax import layout
 from lorax_jax.leafspec import LeafSpec
@@ -26,6 +27,14 @@ class LoraParams:
   a: jax.Array
   b: jax.Array
   spec: LeafSpec = dataclasses.field(metadata=dict(static=True))
+
+
+def reference(w, p):
+  """The paper's merged kernel, W + s A B, in float64 NumPy for a 2-D kernel `w` (the law tests
+  check `merge` against it)."""
+  f = lambda x: np.asarray(x, np.float64)
+  w = f(w)
+  return w + p.spec.scale * f(p.a) @ f(p.b)
 
 
 def lora() -> Variant:
@@ -58,4 +67,4 @@ def lora() -> Variant:
         math.prod(spec.in_shape) + math.prod(spec.out_shape))
 
   return Variant('lora', init, delta, factored, num_params,
-                 layout=common.lora_layout)
+                 layout=common.lora_layout, reference=reference)

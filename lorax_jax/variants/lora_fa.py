@@ -14,6 +14,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from lorax_jax import layout
@@ -29,6 +30,14 @@ class LoraFaParams:
   a: jax.Array = frozen_field()
   b: jax.Array = b_field()
   spec: LeafSpec = static_field()
+
+
+def reference(w, p):
+  """The paper's merged kernel, W + s A B (A frozen), in float64 NumPy for a 2-D kernel `w`
+  (the law tests check `merge` against it)."""
+  f = lambda x: np.asarray(x, np.float64)
+  w = f(w)
+  return w + p.spec.scale * f(p.a) @ f(p.b)
 
 
 def lora_fa() -> Variant:
@@ -48,7 +57,7 @@ def lora_fa() -> Variant:
     return math.prod(spec.batch_shape) * spec.rank * math.prod(spec.out_shape)
 
   return Variant('lora_fa', init, delta, factored, num_params,
-                 layout=common.lora_layout)
+                 layout=common.lora_layout, reference=reference)
 
 
 def _precondition(g, p: LoraFaParams, delta: float):

@@ -16,6 +16,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lorax_jax import layout
 from lorax_jax.leafspec import LeafSpec
@@ -31,6 +32,14 @@ class LoraXsParams:
   a: jax.Array = frozen_field()
   b: jax.Array = frozen_field()
   spec: LeafSpec = static_field()
+
+
+def reference(w, p):
+  """The paper's merged kernel, W + s A R B (A, B frozen), in float64 NumPy for a 2-D kernel
+  `w` (the law tests check `merge` against it)."""
+  f = lambda x: np.asarray(x, np.float64)
+  w = f(w)
+  return w + p.spec.scale * f(p.a) @ f(p.core) @ f(p.b)
 
 
 def lora_xs() -> Variant:
@@ -64,4 +73,5 @@ def lora_xs() -> Variant:
     common.check_float(path, spec, 'core_std', 0.0)
 
   return Variant('lora_xs', init, delta, factored, num_params, check, options={'core_std': 0.0},
-                 layout=lambda s: {**common.lora_layout(s), 'core': common.axes_batch(s, 2)})
+                 layout=lambda s: {**common.lora_layout(s), 'core': common.axes_batch(s, 2)},
+                 reference=reference)

@@ -18,6 +18,7 @@ import zlib
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lorax_jax import layout
 from lorax_jax.leafspec import LeafSpec
@@ -46,6 +47,16 @@ def bases(spec: LeafSpec, dtype=jnp.float32):
   a_i = jax.random.uniform(ka, bs + (k,) + ins + (r,), jnp.float32, -lim, lim).astype(dtype)
   b_j = jax.random.uniform(kb, bs + (k, r) + outs, jnp.float32, -lim, lim).astype(dtype)
   return a0, a_i, b_j
+
+
+def reference(w, p):
+  """The paper's merged kernel, W + s (A0 + sum_i alpha_i A_i) (sum_j beta_j B_j), in float64
+  NumPy for a 2-D kernel `w` (the law tests check `merge` against it)."""
+  f = lambda x: np.asarray(x, np.float64)
+  w = f(w)
+  a0, a_i, b_j = (f(x) for x in bases(p.spec, jnp.float64))
+  a = a0 + np.einsum('k,kir->ir', f(p.alpha), a_i)
+  return w + p.spec.scale * a @ np.einsum('k,kro->ro', f(p.beta), b_j)
 
 
 def nola() -> Variant:
@@ -90,4 +101,4 @@ def nola() -> Variant:
   return Variant('nola', init, delta, factored, num_params, check,
                  options={'num_basis': 64, 'seed': 0, 'salt': None}, bind=bind,
                  layout=lambda s: {'alpha': common.axes_batch(s, 1),
-                                   'beta': common.axes_batch(s, 1)})
+                                   'beta': common.axes_batch(s, 1)}, reference=reference)

@@ -14,6 +14,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lorax_jax import layout
 from lorax_jax.leafspec import LeafSpec
@@ -37,6 +38,14 @@ def gated_a(ad: SoraParams) -> jax.Array:
   s = ad.spec
   g = ad.gate.reshape(s.batch_shape + (1,) * len(s.in_shape) + (ad.gate.shape[-1],))
   return ad.a * g.astype(ad.a.dtype)
+
+
+def reference(w, p):
+  """The paper's merged kernel, W + s (A diag(gate)) B, in float64 NumPy for a 2-D kernel `w`
+  (the law tests check `merge` against it)."""
+  f = lambda x: np.asarray(x, np.float64)
+  w = f(w)
+  return w + p.spec.scale * (f(p.a) * f(p.gate)) @ f(p.b)
 
 
 def sora() -> Variant:
@@ -64,4 +73,4 @@ def sora() -> Variant:
     return {'a': common.axes_a(spec), 'b': common.axes_b(spec),
             'gate': common.axes_batch(spec, 1)}
 
-  return Variant('sora', init, delta, factored, num_params, layout=lay)
+  return Variant('sora', init, delta, factored, num_params, layout=lay, reference=reference)

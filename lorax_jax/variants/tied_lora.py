@@ -4,8 +4,8 @@
 
 A and B are shared by every kernel of a tie group: the kernels with the same `group` option
 (a string, default '') and the same in/out shape, rank and dtype (so by default every layer's
-query projection ties with the others of its shape, as in the paper); a stacked (scanned) kernel shares them across its stack. The first kernel of a group (in
-parameter order) holds them in the adapter tree; the others hold only their u, v, and `join` /
+query projection ties with the others of its shape, as in the paper); a stacked (scanned)
+kernel shares them across its stack. The first kernel of a group (in parameter order) holds them in the adapter tree; the others hold only their u, v, and `join` /
 `merge` give them the shared pair. Init: A as LoRA, B = 0, u = v = 1 (first forward = base).
 """
 
@@ -17,6 +17,7 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lorax_jax import layout
 from lorax_jax.leafspec import LeafSpec
@@ -39,6 +40,14 @@ class TiedLoraParams:
 
 def _key(spec: LeafSpec):
   return (spec.opt('group'), spec.in_shape, spec.out_shape, spec.rank, spec.dtype)
+
+
+def reference(w, p):
+  """The paper's merged kernel, W + s (A diag(v)) (B diag(u)), in float64 NumPy for a 2-D
+  kernel `w` (the law tests check `merge` against it)."""
+  f = lambda x: np.asarray(x, np.float64)
+  w = f(w)
+  return w + p.spec.scale * (f(p.a) * f(p.v)[None]) @ (f(p.b) * f(p.u)[None])
 
 
 def tied_lora() -> Variant:
@@ -86,4 +95,5 @@ def tied_lora() -> Variant:
                  options={'group': ''}, tie=tie,
                  layout=lambda s: {'a': common.axes_a(s, stacked=False),
                                    'b': common.axes_b(s, stacked=False),
-                                   'u': common.axes_out(s), 'v': common.axes_batch(s, 1)})
+                                   'u': common.axes_out(s), 'v': common.axes_batch(s, 1)},
+                 reference=reference)

@@ -16,6 +16,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lorax_jax import layout
 from lorax_jax.leafspec import LeafSpec
@@ -39,6 +40,15 @@ def projections(spec: LeafSpec, dtype=jnp.float32):
   a = common.kaiming_uniform(ka, spec.in_shape + (spec.rank,), math.prod(spec.in_shape), dtype)
   b = common.kaiming_uniform(kb, (spec.rank,) + spec.out_shape, spec.rank, dtype)
   return a, b
+
+
+def reference(w, p):
+  """The paper's merged kernel, W + (A_shared diag(d)) (B_shared diag(b)) (no alpha in VeRA),
+  in float64 NumPy for a 2-D kernel `w` (the law tests check `merge` against it)."""
+  f = lambda x: np.asarray(x, np.float64)
+  w = f(w)
+  a_sh, b_sh = (f(x) for x in projections(p.spec, jnp.float64))
+  return w + (a_sh * f(p.d)[None, :]) @ (b_sh * f(p.b)[None, :])
 
 
 def vera() -> Variant:
@@ -73,4 +83,5 @@ def vera() -> Variant:
 
   return Variant('vera', init, delta, factored, num_params, check,
                  options={'seed': 0, 'd_initial': 0.1},
-                 layout=lambda s: {'d': common.axes_batch(s, 1), 'b': common.axes_out(s)})
+                 layout=lambda s: {'d': common.axes_batch(s, 1), 'b': common.axes_out(s)},
+                 reference=reference)
