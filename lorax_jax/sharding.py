@@ -408,12 +408,15 @@ def place(tree: Any, shardings: Any) -> Any:
 
 
 class TrainShardings(NamedTuple):
-  """Shardings of a train step's arguments: base, adapters, optimizer state and batch."""
+  """Shardings of a train step's arguments: base, adapters, optimizer state, batch, and the
+  statistics of a training-time method (None: replicated; `training.state_shardings` derives
+  them all)."""
   params: Any
   adapters: Any
   opt_state: Any
   batch: Any
   mesh: Mesh
+  stats: Any = None
 
 
 def per_device_bytes(tree: Any, shardings: Any) -> int:
