@@ -92,7 +92,6 @@ def state_shardings(tx: optax.GradientTransformation, params: Any, adapters: Any
   opt_sh = optax.tree_utils.tree_map_params(
       tx, lambda x, s: x if masked(x) else s, jax.eval_shape(tx.init, adapters), adapter_sh,
       transform_non_params=lambda x: jax.tree_util.tree_map(lambda _: rep, x), is_leaf=masked)
-  opt_sh = jax.tree_util.tree_map(lambda x: rep if masked(x) else x, opt_sh, is_leaf=masked)
   stats = jax.eval_shape(dyn.init, params, adapters)
   stats_sh = sharding_lib.like_params(stats, adapters, adapter_sh, mesh=mesh)
   batch_sh = jax.tree_util.tree_map(lambda x: sharding_lib.batch_sharding(mesh, np.ndim(x)),
