@@ -516,3 +516,70 @@ def test_train_loop_reports_the_other_methods(tmp_path, name):
     assert r['restarts'] == 1 and r['effective_rank'] > 2
   if name == 'delta_lora':   # W_T - W_0 = (1 + 2) s A_T B_T: rank 2
     assert r['effective_rank'] == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# The family's protocol: what methods declare, the registry, resizable variants.
+
+
+def test_resizable_variants_follow_from_what_variants_declare():
+  """No list of names: the variants whose ranks are independent terms (slicing their arrays
+  slices their factored A and B) are the resizable ones."""
+  params = {'w': jax.random.normal(jax.random.key(0), (8, 6))}
+  got = {}
+  for v in lj.variants.names():
+    spec = lj.make_spec(params, [('w', {'variant': v, 'rank': 2 if v == 'lokr' else 4})])
+    _, ad = lj.init(jax.random.key(1), params, spec)
+    got[v] = D.resizable(ad['w'])
+  assert sorted(v for v, ok in got.items() if ok) == ['adalora', 'lora', 'lora_fa', 'sora'], got
+  # A resized LoRA computes exactly its kept ranks (scale kept).
+  spec = lj.make_spec(params, [('w', {'rank': 4, 'alpha': 8.0})])
+  _, ad = lj.init(jax.random.key(1), params, spec)
+  ad = helpers.randomize(ad, jax.random.key(2))
+  cut = D.resize(ad, {'w': [1, 3]})['w']
+  full = ad['w']
+  with helpers.enable_x64():
+    want = full.spec.scale * (np.asarray(full.a, np.float64)[:, [1, 3]] @
+                              np.asarray(full.b, np.float64)[[1, 3]])
+    np.testing.assert_allclose(cut.spec.scale * np.asarray(cut.a, np.float64) @ np.asarray(
+        cut.b, np.float64), want, rtol=1e-6)
+  assert cut.spec.rank == 2 and cut.spec.scale == full.spec.scale
+
+
+def test_methods_declare_what_the_loop_needs_and_register():
+  assert [D.default_variant(n) for n in D.names()] == ['adalora', 'lora', 'sora', 'lora',
+                                                        'lora', 'lora']
+  built = {n: D.get(n, **{'adalora': dict(target_rank=1), 'relora': dict(period=2),
+                          'cola': dict(links=2)}.get(n, {}), total_steps=10,
+                     learning_rate=1e-3, seed=0) for n in D.names()}
+  assert [n for n, d in built.items() if d.resizes] == ['sora']
+  assert [n for n, d in built.items() if d.changes_base] == ['relora', 'cola', 'delta_lora']
+  assert built['adalora'].variants == ('adalora',) and built['dylora'].variants == ('lora',)
+  with pytest.raises(ValueError, match=re.escape('adalora: target_rank=1 is above the initial '
+                                                 'rank 0')):
+    built['adalora'].check_rank(0, None)
+  views = built['dylora'].views({'w': lj.init(jax.random.key(0), {'w': jnp.ones((4, 3))},
+                                              lj.make_spec({'w': jnp.ones((4, 3))}, [
+                                                  ('w', {'rank': 2})]))[1]['w']})
+  assert sorted(views['by_rank']) == ['1', '2']
+  with pytest.raises(ValueError, match=re.escape("Dynamics 'sora' is already registered")):
+    D.register(D.Method('sora', D.sora, 'sora'))
+  # A research method: one registration, found by name with the loop's options.
+  D.register(D.Method('noop_test', lambda *, total_steps: D.Dynamics('noop_test', every=1),
+                      'lora'))
+  try:
+    assert D.get('noop_test', total_steps=5, seed=1).every == 1
+    assert D.default_variant('noop_test') == 'lora'
+  finally:
+    D.base._METHODS.pop('noop_test')
+
+
+def test_a_dynamics_step_needs_a_train_state():
+  params = _params()
+  spec = lj.make_spec(params, [('kernel', {'rank': 2})])
+  params, adapters = lj.init(jax.random.key(1), params, spec)
+  tx = lj.optimizer(1e-2)
+  step = lj.make_train_step(_loss, tx, D.dylora())
+  with pytest.raises(ValueError, match=re.escape("A step with dynamics 'dylora' takes a "
+                                                 'TrainState')):
+    step(params, adapters, tx.init(adapters), _batch(0, _low_rank_target(1, [1.0])))
