@@ -155,9 +155,8 @@ def resize(adapters: Any, keep: dict[str, Any]) -> Any:
     ad = states[path]
     s = ad.spec
     if s.variant == FULL or not resizable(ad):
-      raise ValueError(f'Cannot resize {path!r}: variant {s.variant!r} has no independent rank '
-                       'terms to cut (resizable: variants whose ranks are separate terms, as '
-                       "'lora', 'sora', 'adalora').")
+      raise ValueError(f'Cannot resize {path!r}: the ranks of variant {s.variant!r} are not '
+                       'independent terms that can be cut (see `dynamics.resizable`).')
     idx = np.asarray(idx, np.int64).reshape(-1)
     if idx.size == 0 or idx.min() < 0 or idx.max() >= s.rank:
       raise ValueError(f'keep for {path!r} must be 1 to {s.rank} rank indices in [0, {s.rank}); '
