@@ -291,7 +291,7 @@ def update_ranks(initial_params: Any, params: Any, adapters: Any, *, rtol: float
   For methods that fold into the base (ReLoRA, COLA, Delta-LoRA) this is the rank the whole
   run added, which can exceed the adapters' rank. Quantized leaves are compared dequantized.
   """
-  low = base.low_rank(adapters)
+  low = base.with_ties(base.low_rank(adapters))
   w_now = {p: x for p, _, x in paths.leaves_with_paths(params) if p in low}
   w_0 = {p: x for p, _, x in paths.leaves_with_paths(quant_lib.dequantize(initial_params))}
   out = {}
