@@ -33,7 +33,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.method = a.method
   if a.dynamics:
     from lorax_jax import dynamics  # pylint: disable=g-import-not-at-top
-    a.variant = dynamics.VARIANT.get(a.dynamics, a.variant)
+    if a.dynamics in dynamics.names():   # else common.dynamics names the allowed ones
+      a.variant = dynamics.default_variant(a.dynamics)
   c.adapter = common.adapter(a.rank, a.variant, a.init)
   c.quant = common.quant(a.quant)
   c.mesh, c.sharding = common.parallel()

@@ -90,15 +90,12 @@ def _check(config) -> lj.dynamics.Dynamics | None:
   dyn = make_dynamics(config)   # its settings are checked here, before anything runs
   if dyn is not None and config.method != 'lora':
     raise ValueError(f'dynamics {dyn.name!r} needs method=\'lora\'; got {config.method!r}.')
-  variant = lj.dynamics.VARIANT.get(dyn.name) if dyn is not None else None
-  if variant and config.get('adapter') and not config.get('rules') and (
-      config.adapter.variant != variant):
-    raise ValueError(f'dynamics {dyn.name!r} trains variant {variant!r}; the config has '
-                     f'adapter.variant={config.adapter.variant!r}.')
-  if dyn is not None and dyn.name == 'adalora' and not config.get('rules') and (
-      config.dynamics.target_rank > config.adapter.rank):
-    raise ValueError(f'adalora: target_rank={config.dynamics.target_rank} is above the initial '
-                     f'rank {config.adapter.rank} (adapter.rank): the budget can only shrink.')
+  if dyn is not None and config.get('adapter') and not config.get('rules'):
+    variant = lj.dynamics.default_variant(dyn.name)   # what the method declares
+    if config.adapter.variant != variant:
+      raise ValueError(f'dynamics {dyn.name!r} trains variant {variant!r}; the config has '
+                       f'adapter.variant={config.adapter.variant!r}.')
+    dyn.check_rank(config.adapter.rank, None)
   return dyn
 
 
@@ -362,19 +359,12 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     return task.loss(apply(joined, *inputs, lora_rng=rng), targets)
 
   def shardings_of(adapters):
-    """Adapters, optimizer state and statistics shardings (derived from the base's)."""
-    adapter_sh = sharding_lib.adapter_shardings(adapters, base_sh)
-    opt_sh = sharding_lib.like_params(jax.eval_shape(tx.init, adapters), adapters, adapter_sh,
-                                      mesh=mesh)
-    stats = jax.eval_shape(dyn.init, params, adapters) if dyn is not None else ()
-    stats_sh = sharding_lib.like_params(stats, adapters, adapter_sh, mesh=mesh)
-    return lj.dynamics.TrainState(replicated, base_sh, adapter_sh, opt_sh, stats_sh)
-
-  batch_sh = jax.tree_util.tree_map(lambda x: sharding_lib.batch_sharding(mesh, np.ndim(x)),
-                                    task.train_batch(0))
+    """The step's shardings: adapters, optimizer state and statistics derived from the base's."""
+    return lj.training.state_shardings(tx, params, adapters, base_sh, task.train_batch(0), mesh,
+                                       dyn)
 
   def build_step(state_sh):
-    return lj.dynamics.make_step(loss_fn, tx, dyn, shardings=(state_sh, batch_sh, replicated))
+    return lj.make_train_step(loss_fn, tx, dyn, shardings=state_sh)
 
   all_finite = jax.jit(lambda tree: jnp.all(jnp.stack(
       [jnp.all(jnp.isfinite(l)) for l in jax.tree_util.tree_leaves(tree)])),
@@ -423,7 +413,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   writer = metrics_lib.MetricWriter(workdir, enabled=jax.process_index() == 0,
                                     resume_step=start)
   progress = metrics_lib.Progress(t.steps, start, enabled=jax.process_index() == 0)
-  state = lj.dynamics.TrainState(
+  state = lj.TrainState(
       sharding_lib.place(np.int32(start), replicated),
       ckpt_state.get('params', params), ckpt_state['adapters'], ckpt_state['opt_state'],
       ckpt_state.get('stats', ()))
@@ -489,12 +479,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     extra.update(dyn.report(state))
     extra['trainable_params_final'] = lj.count_params(adapters)
     extra['reshaped_at'] = reshaped_at
-    if dyn.name == 'dylora':   # usable at every rank: the metric of each truncation
-      r_max = max(a.spec.rank for a in lj.paths.flat(adapters, lj.adapters.is_adapter).values()
-                  if isinstance(a, lj.LoraParams))
-      extra[f'{first}_by_rank'] = {
-          str(r): _host(metric(params, lj.dynamics.truncate(adapters, r), *eval_sets[first]))
-          for r in range(1, r_max + 1)}
+    for view, by_label in dyn.views(adapters).items():   # DyLoRA: the metric at every rank
+      extra[f'{first}_{view}'] = {label: _host(metric(params, a, *eval_sets[first]))
+                                  for label, a in by_label.items()}
   if config.method == 'lora':
     extra['effective_rank'] = _update_rank(
         initial_base if changes_base else params, params, adapters)

@@ -7,8 +7,10 @@
     save_peft(dir, adapters, spec, name_map)        # Hugging Face PEFT files (and load_peft)
 
     qparams = quantize(params, spec)                # QLoRA: an NF4 base, dequantized on use
-    dynamics.relora(period=200, total_steps=1000)   # AdaLoRA, DyLoRA, SoRA, ReLoRA, COLA,
-                                                    # Delta-LoRA: hooks in the training loop
+    step = make_train_step(loss_fn, tx)             # the one train step, over a TrainState
+    state, loss = step(init_state(params, adapters, tx), batch, rng)
+    dyn = dynamics.relora(period=200, total_steps=1000)   # AdaLoRA, DyLoRA, SoRA, ReLoRA,
+    step = make_train_step(loss_fn, tx, dyn)        # COLA, Delta-LoRA: hooks in that step
 """
 
 from lorax_jax import adapters, calibration, dynamics, inits, interop, paths, quant  # noqa: F401
@@ -16,11 +18,11 @@ from lorax_jax import variants  # noqa: F401
 from lorax_jax.adapters import (Adapted, count_params, init, join, merge, split, to_lora,
                                 unmerge)
 from lorax_jax.interop import export_hf, load_peft, save_peft
-from lorax_jax.dynamics import Dynamics, TrainState
 from lorax_jax.interpreter import MaterializeError, MaterializeWarning, lora
 from lorax_jax.quant import QuantizedArray, dequantize, quantize
 from lorax_jax.spec import LeafSpec, Rule, dense_kernels, make_spec, summary
-from lorax_jax.training import labels, make_train_step, optimizer
+from lorax_jax.training import (Dynamics, TrainState, init_state, labels, make_train_step,
+                                optimizer)
 from lorax_jax.usage import infer_axes
 from lorax_jax.variants import (AdaloraParams, DoraParams, Factored, FullParams, LohaParams,
                                 LokrParams, LoraFaParams, LoraParams, LoraXsParams, NolaParams,
@@ -57,6 +59,7 @@ __all__ = [
     'export_hf',
     'infer_axes',
     'init',
+    'init_state',
     'join',
     'labels',
     'load_peft',

@@ -302,12 +302,15 @@ def like_params(tree: Any, params: Any, param_shardings_tree: Any, *, mesh: Mesh
 
 
 class TrainShardings(NamedTuple):
-  """Shardings of a train step's arguments: base, adapters, optimizer state and batch."""
+  """Shardings of a train step's arguments: base, adapters, optimizer state, batch, and the
+  statistics of a training-time method (None: replicated; `training.state_shardings` derives
+  them all)."""
   params: Any
   adapters: Any
   opt_state: Any
   batch: Any
   mesh: Mesh
+  stats: Any = None
 
 
 __all__ = ['MESH_AXES', 'TrainShardings', 'adapter_shardings', 'batch_sharding', 'global_batch',

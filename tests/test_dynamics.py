@@ -73,7 +73,7 @@ def _fit(params, setting, dyn, steps, target, lr=2e-2):
     schedule = dyn.learning_rate(schedule)
   tx = lj.optimizer(schedule)
   state = D.init_state(params, adapters, tx, dyn)
-  step = D.make_step(_loss, tx, dyn)
+  step = lj.make_train_step(_loss, tx, dyn)
   losses, reshaped = [], []
   for i in range(steps):
     state, loss = step(state, _batch(i, *target), jax.random.key(i))
@@ -174,10 +174,10 @@ def test_sora_proximal_step_and_pruning_really_shrink_the_adapters():
   dyn = D.sora(learning_rate=lr, sparsity=xi, every=1)
   tx = lj.optimizer(lr)
   state = D.init_state(params, adapters, tx, dyn)
-  plain = D.make_step(_loss, tx, D.none(), donate=False)
+  plain = lj.make_train_step(_loss, tx, D.none(), donate=False)
   batch = _batch(0, *target)
   ref, _ = plain(state, batch, None)
-  new, _ = D.make_step(_loss, tx, dyn, donate=False)(state, batch, None)
+  new, _ = lj.make_train_step(_loss, tx, dyn, donate=False)(state, batch, None)
   for p in ('a/kernel', 'b/kernel'):   # the gate's proximal L1 step after the Adam update
     g = lj.paths.flat(ref.adapters, lj.adapters.is_adapter)[p].gate
     got = lj.paths.flat(new.adapters, lj.adapters.is_adapter)[p].gate
@@ -186,7 +186,7 @@ def test_sora_proximal_step_and_pruning_really_shrink_the_adapters():
   flat = lj.paths.flat(new.adapters, lj.adapters.is_adapter)
   gate = np.array(flat['a/kernel'].gate)
   gate[[0, 2, 5]] = 0
-  ad = D._replace_leaves(new.adapters, {'a/kernel': lj.SoraParams(
+  ad = D.base.replace_leaves(new.adapters, {'a/kernel': lj.SoraParams(
       flat['a/kernel'].a, flat['a/kernel'].b, jnp.asarray(gate), flat['a/kernel'].spec)})
   state = new._replace(adapters=ad)
   x, _ = batch
@@ -209,7 +209,7 @@ def test_sora_proximal_step_and_pruning_really_shrink_the_adapters():
   assert lj.count_params(pruned.adapters) < lj.count_params(state.adapters)
   # Training goes on at the new shapes; with no zero gate the schedule changes nothing.
   keep_all = D.sora(learning_rate=lr, sparsity=0.0, every=1)
-  pruned, loss = D.make_step(_loss, tx, keep_all)(pruned, batch, None)
+  pruned, loss = lj.make_train_step(_loss, tx, keep_all)(pruned, batch, None)
   assert np.isfinite(float(loss))
   if all(np.all(np.asarray(l.gate) != 0) for l in lj.paths.flat(
       pruned.adapters, lj.adapters.is_adapter).values()):
@@ -251,13 +251,13 @@ def test_merge_and_reinit_keeps_the_function_and_prunes_the_optimizer_state():
   params, adapters = lj.init(jax.random.key(1), params, spec)
   tx = lj.optimizer(1e-2)
   state = D.init_state(params, adapters, tx)
-  step = D.make_step(_loss, tx, donate=False)
+  step = lj.make_train_step(_loss, tx, donate=False)
   for i in range(3):
     state, _ = step(state, _batch(i, *target), None)
   x, _ = _batch(0, *target)
   before = lj.lora(_linear)(lj.join(state.params, state.adapters), x)
   for prune, kept in ((0.9, True), (1.0, False)):
-    new = D.merge_and_reinit(state, jax.random.key(5), prune=prune)
+    new = D.merge_and_reinit(state, jax.random.key(5), prune=prune, tx=tx)
     np.testing.assert_allclose(lj.lora(_linear)(lj.join(new.params, new.adapters), x), before,
                                rtol=1e-5, atol=1e-5)
     fresh = new.adapters['a']['kernel']
@@ -306,14 +306,16 @@ def test_delta_lora_moves_the_base_by_the_change_of_the_update():
   tx = lj.optimizer(1e-2)
   dyn = D.delta_lora(scale=2.0)
   state = D.init_state(params, adapters, tx, dyn)
-  new, _ = D.make_step(_loss, tx, dyn, donate=False)(state, _batch(0, *target), None)
-  plain, _ = D.make_step(_loss, tx, donate=False)(state, _batch(0, *target), None)
+  new, _ = lj.make_train_step(_loss, tx, dyn, donate=False)(state, _batch(0, *target), None)
+  plain, _ = lj.make_train_step(_loss, tx, donate=False)(state, _batch(0, *target), None)
   # The adapters train as LoRA: bitwise op by op (the same ops on the same inputs); the two
   # compiled steps are different programs (one also updates the base): Adam divides by sqrt(v),
   # which amplifies their last-bit differences in small gradients, hence 1e-5.
   with jax.disable_jit():
-    eager_new, _ = D.make_step(_loss, tx, dyn, donate=False)(state, _batch(0, *target), None)
-    eager_plain, _ = D.make_step(_loss, tx, donate=False)(state, _batch(0, *target), None)
+    eager_new, _ = lj.make_train_step(_loss, tx, dyn, donate=False)(state, _batch(0, *target),
+                                                                     None)
+    eager_plain, _ = lj.make_train_step(_loss, tx, donate=False)(state, _batch(0, *target),
+                                                                 None)
   helpers.assert_trees_equal(eager_plain.adapters, eager_new.adapters)
   for a, b in zip(jax.tree_util.tree_leaves(new.adapters),
                   jax.tree_util.tree_leaves(plain.adapters)):
@@ -326,7 +328,7 @@ def test_delta_lora_moves_the_base_by_the_change_of_the_update():
       np.testing.assert_allclose(new.params[p]['kernel'], expect, rtol=1e-5, atol=1e-6)
   # `start`: no base update before it.
   late = D.delta_lora(scale=2.0, start=5)
-  held, _ = D.make_step(_loss, tx, late, donate=False)(state, _batch(0, *target), None)
+  held, _ = lj.make_train_step(_loss, tx, late, donate=False)(state, _batch(0, *target), None)
   helpers.assert_trees_equal(held.params, params)
 
 
@@ -353,7 +355,7 @@ def test_delta_lora_stores_no_base_gradient():
     spec = lj.make_spec(params, [('kernel', setting)])
     p, ad = lj.init(jax.random.key(1), params, spec)
     state = jax.eval_shape(lambda: D.init_state(p, ad, tx, dyn))
-    m = D.make_step(loss, tx, dyn).lower(state, x, None).compile().memory_analysis()
+    m = lj.make_train_step(loss, tx, dyn).lower(state, x, None).compile().memory_analysis()
     return (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes -
             m.alias_size_in_bytes), m.temp_size_in_bytes
 
@@ -514,3 +516,70 @@ def test_train_loop_reports_the_other_methods(tmp_path, name):
     assert r['restarts'] == 1 and r['effective_rank'] > 2
   if name == 'delta_lora':   # W_T - W_0 = (1 + 2) s A_T B_T: rank 2
     assert r['effective_rank'] == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# The family's protocol: what methods declare, the registry, resizable variants.
+
+
+def test_resizable_variants_follow_from_what_variants_declare():
+  """No list of names: the variants whose ranks are independent terms (slicing their arrays
+  slices their factored A and B) are the resizable ones."""
+  params = {'w': jax.random.normal(jax.random.key(0), (8, 6))}
+  got = {}
+  for v in lj.variants.names():
+    spec = lj.make_spec(params, [('w', {'variant': v, 'rank': 2 if v == 'lokr' else 4})])
+    _, ad = lj.init(jax.random.key(1), params, spec)
+    got[v] = D.resizable(ad['w'])
+  assert sorted(v for v, ok in got.items() if ok) == ['adalora', 'lora', 'lora_fa', 'sora'], got
+  # A resized LoRA computes exactly its kept ranks (scale kept).
+  spec = lj.make_spec(params, [('w', {'rank': 4, 'alpha': 8.0})])
+  _, ad = lj.init(jax.random.key(1), params, spec)
+  ad = helpers.randomize(ad, jax.random.key(2))
+  cut = D.resize(ad, {'w': [1, 3]})['w']
+  full = ad['w']
+  with helpers.enable_x64():
+    want = full.spec.scale * (np.asarray(full.a, np.float64)[:, [1, 3]] @
+                              np.asarray(full.b, np.float64)[[1, 3]])
+    np.testing.assert_allclose(cut.spec.scale * np.asarray(cut.a, np.float64) @ np.asarray(
+        cut.b, np.float64), want, rtol=1e-6)
+  assert cut.spec.rank == 2 and cut.spec.scale == full.spec.scale
+
+
+def test_methods_declare_what_the_loop_needs_and_register():
+  assert [D.default_variant(n) for n in D.names()] == ['adalora', 'lora', 'sora', 'lora',
+                                                        'lora', 'lora']
+  built = {n: D.get(n, **{'adalora': dict(target_rank=1), 'relora': dict(period=2),
+                          'cola': dict(links=2)}.get(n, {}), total_steps=10,
+                     learning_rate=1e-3, seed=0) for n in D.names()}
+  assert [n for n, d in built.items() if d.resizes] == ['sora']
+  assert [n for n, d in built.items() if d.changes_base] == ['relora', 'cola', 'delta_lora']
+  assert built['adalora'].variants == ('adalora',) and built['dylora'].variants == ('lora',)
+  with pytest.raises(ValueError, match=re.escape('adalora: target_rank=1 is above the initial '
+                                                 'rank 0')):
+    built['adalora'].check_rank(0, None)
+  views = built['dylora'].views({'w': lj.init(jax.random.key(0), {'w': jnp.ones((4, 3))},
+                                              lj.make_spec({'w': jnp.ones((4, 3))}, [
+                                                  ('w', {'rank': 2})]))[1]['w']})
+  assert sorted(views['by_rank']) == ['1', '2']
+  with pytest.raises(ValueError, match=re.escape("Dynamics 'sora' is already registered")):
+    D.register(D.Method('sora', D.sora, 'sora'))
+  # A research method: one registration, found by name with the loop's options.
+  D.register(D.Method('noop_test', lambda *, total_steps: D.Dynamics('noop_test', every=1),
+                      'lora'))
+  try:
+    assert D.get('noop_test', total_steps=5, seed=1).every == 1
+    assert D.default_variant('noop_test') == 'lora'
+  finally:
+    D.base._METHODS.pop('noop_test')
+
+
+def test_a_dynamics_step_needs_a_train_state():
+  params = _params()
+  spec = lj.make_spec(params, [('kernel', {'rank': 2})])
+  params, adapters = lj.init(jax.random.key(1), params, spec)
+  tx = lj.optimizer(1e-2)
+  step = lj.make_train_step(_loss, tx, D.dylora())
+  with pytest.raises(ValueError, match=re.escape("A step with dynamics 'dylora' takes a "
+                                                 'TrainState')):
+    step(params, adapters, tx.init(adapters), _batch(0, _low_rank_target(1, [1.0])))

@@ -171,3 +171,48 @@ def test_dropout_only_with_rng():
     np.testing.assert_array_equal(apply(lj.join(params, fresh), x, lora_rng=k),
                                   model.apply(params, x))
   helpers.assert_close_compiled(apply(lj.join(params, fresh), x, lora_rng=k), base)
+
+
+def test_one_step_over_a_train_state_and_the_plain_call(setup):
+  """The TrainState form and the (params, adapters, opt_state) form are one jitted step: the
+  same adapters, optimizer state and loss, bitwise; the step count advances; aux comes back."""
+  model, params, adapters, batch = setup
+  tx = lj.optimizer(1e-2)
+  loss_fn = _loss_fn(model)
+  step = lj.make_train_step(loss_fn, tx, donate=False)
+  state = lj.init_state(params, adapters, tx)
+  assert isinstance(state, lj.TrainState) and int(state.step) == 0 and state.stats == ()
+  new, loss = step(state, batch, jax.random.key(0))
+  a, s, l = step(params, adapters, tx.init(adapters), batch, jax.random.key(0))
+  helpers.assert_trees_equal(new.adapters, a)
+  helpers.assert_trees_equal(new.opt_state, s)
+  np.testing.assert_array_equal(loss, l)
+  assert int(new.step) == 1 and new.params is not None
+  aux_step = lj.make_train_step(lambda j, b, r: (loss_fn(j, b, r), {'two': 2.0}), tx,
+                                has_aux=True, donate=False)
+  new2, loss2, aux = aux_step(state, batch, jax.random.key(0))
+  np.testing.assert_array_equal(loss2, loss)
+  assert float(aux['two']) == 2.0
+  a2, _, loss3, aux3 = aux_step(params, adapters, tx.init(adapters), batch, jax.random.key(0))
+  helpers.assert_trees_equal(a2, new2.adapters)
+  np.testing.assert_array_equal(loss3, loss)
+  assert float(aux3['two']) == 2.0
+  with pytest.raises(TypeError, match='step takes'):
+    step(params, adapters, batch)
+
+
+def test_state_shardings_walk_the_optimizer_state_with_optax(setup):
+  """`state_shardings` gives each copy of the adapter tree in the optimizer state the
+  adapters' shardings (optax.tree_utils.tree_map_params), as path-and-shape matching did."""
+  from lorax_jax import sharding as sh  # pylint: disable=g-import-not-at-top
+  _, params, adapters, batch = setup
+  tx = lj.optimizer(1e-2)
+  mesh = sh.make_mesh({'fsdp': -1})
+  base_sh = sh.param_shardings(params, mesh, sh.preset('fsdp'))
+  ts = lj.training.state_shardings(tx, params, adapters, base_sh, batch, mesh)
+  assert isinstance(ts, sh.TrainShardings)
+  want = sh.like_params(jax.eval_shape(tx.init, adapters), adapters, ts.adapters, mesh=mesh)
+  is_sh = lambda x: isinstance(x, jax.sharding.NamedSharding)
+  got_l, got_t = jax.tree_util.tree_flatten(ts.opt_state, is_leaf=is_sh)
+  want_l, want_t = jax.tree_util.tree_flatten(want, is_leaf=is_sh)
+  assert got_t == want_t and got_l == want_l
