@@ -33,6 +33,8 @@ class Row:
   # Where the rule declines (returns None): `(fn, args, primitive named in the error)`; W + dW
   # is materialized (an error in strict mode, a warning and the right result otherwise).
   declines: Any = None
+  # What `infer_axes` finds for W when it differs from the spec's axes (rules with `infer`).
+  axes: Any = None
 
 
 def _closed_call(w, x):
@@ -71,7 +73,8 @@ ROWS = [
         setting={'in_axes': 0}, quant=True,
         declines=(lambda p, x: x[:, :2] @ p['w'].reshape(2, 18), (X,), 'reshape')),
     Row('squeeze', lambda p, x: x @ jnp.squeeze(p['w'], 1), shape=(6, 1, 5),
-        setting={'in_axes': 0}, quant=True),
+        setting={'in_axes': 0}, quant=True,
+        axes=((1,), (0,), (2,))),       # an axis no consumer uses counts as a batch axis
     Row('broadcast_in_dim', lambda p, x: jnp.einsum('bi,iyo->bo', x, p['w'][:, None, :]),
         quant=True, declines=(lambda p, x: jnp.einsum(
             'bi,zio->bzo', x, jnp.broadcast_to(p['w'], (2, 6, 5))), (X,), 'broadcast_in_dim')),
@@ -195,6 +198,17 @@ def test_rule_declines_and_w_is_materialized(row):
   with pytest.warns(lj.MaterializeWarning, match=f"'w' at primitive '?{where}"):
     out = lj.lora(fn, strict=False)(joined, *args)
   assert helpers.rel_err(out, helpers.f64_reference(fn, params, adapters, *args)) < 1e-5
+
+
+@pytest.mark.parametrize('row', ROWS, ids=lambda r: r.rule)
+def test_rule_infers_the_axes(row):
+  params, spec = _setup(row)
+  got = lj.infer_axes(row.fn, params, *row.args).get('w')
+  if base.get(row.rule).infer is None:
+    assert got is None    # the walk stops at this primitive
+  else:
+    leaf = lj.spec.spec_leaves(spec)['w']
+    assert got == (row.axes or (leaf.batch_axes, leaf.in_axes, leaf.out_axes))
 
 
 def test_register_rejects_a_second_rule_for_a_primitive():
