@@ -61,7 +61,7 @@ def test_double_quantization_error_is_small_next_to_nf4s():
   assert e_plain <= e_dq < 1.02 * e_plain
   # The constants themselves: 8-bit, relative error well under 1%.
   s_ref = plain.scales
-  s_dq = quant._block_scales(dq)  # pylint: disable=protected-access
+  s_dq = quant.blockwise.block_scales(dq)
   assert float(jnp.max(jnp.abs(s_dq - s_ref) / s_ref)) < 0.01
 
 
