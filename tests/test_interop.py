@@ -448,7 +448,7 @@ def test_round_trip_constant_scale_lora_fa_and_a_dict_name_map(tmp_path):
                                ('fc2/bias', 'full')])
   params, adapters = lj.init(jax.random.key(1), params, spec)
   adapters = _random_adapters(adapters, jax.random.key(2))
-  names = interop._name_map({'fc1/kernel': '0', 'fc2/kernel': '2'}, params) + [
+  names = interop.name_map_entries({'fc1/kernel': '0', 'fc2/kernel': '2'}, params) + [
       hf.Entry('2.bias', 'fc2/bias', None, (5,))]   # torch.nn.Sequential's module names
   config = lj.save_peft(str(tmp_path), adapters, spec, names)
   alphas = {m: config['alpha_pattern'].get(m, config['lora_alpha']) for m in ('0', '2')}

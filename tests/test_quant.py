@@ -1,5 +1,6 @@
 """Quantized frozen bases: formats, round trips, QLoRA through `lora(fn)`, merging, sharding."""
 
+import pathlib
 import re
 
 import flax.linen as nn
@@ -61,7 +62,7 @@ def test_double_quantization_error_is_small_next_to_nf4s():
   assert e_plain <= e_dq < 1.02 * e_plain
   # The constants themselves: 8-bit, relative error well under 1%.
   s_ref = plain.scales
-  s_dq = quant._block_scales(dq)  # pylint: disable=protected-access
+  s_dq = quant.blockwise.block_scales(dq)
   assert float(jnp.max(jnp.abs(s_dq - s_ref) / s_ref)) < 0.01
 
 
@@ -124,6 +125,49 @@ def test_quantize_tree_rules_and_errors():
     lj.quantize(params, [('step', 'nf4')])
   back = lj.dequantize(q)
   assert back['b']['kernel'].shape == (8, 64)
+
+
+class _PerTensorInt8(quant.int8.Int8):
+  """A format defined outside the package: int8 with one scale for the whole tensor."""
+  name = 'int8_tensor'
+
+  def resolve(self, s, path, shape):
+    return super().resolve({**s, 'axes': tuple(range(len(shape)))}, path, shape)
+
+  def settings(self, q):
+    return dict(type=self.name)
+
+
+def test_a_registered_format_works_through_the_tree_api():
+  fmt = quant.register(_PerTensorInt8())
+  try:
+    assert 'int8_tensor' in quant.names() and quant.get('int8_tensor') is fmt
+    with pytest.raises(ValueError, match="'int8_tensor' is already registered"):
+      quant.register(_PerTensorInt8())
+    w = jax.random.normal(jax.random.key(11), (3, 16, 32))
+    params = {'k': w, 'b': jax.random.normal(jax.random.key(12), (32,))}
+    q = lj.quantize(params, [(r'^k$', 'int8_tensor')])
+    k = q['k']
+    assert k.qtype == 'int8_tensor' and k.scales.shape == (1, 1, 1) and q['b'] is params['b']
+    x = np.asarray(w, np.float64)
+    step = np.abs(x).max() / 127.0
+    ref = np.clip(np.round(x / step), -127, 127) * step
+    np.testing.assert_allclose(np.asarray(lj.dequantize(q)['k']), ref, rtol=1e-6, atol=1e-6)
+    again = quant.requantize_like(lj.dequantize(q)['k'], k)
+    np.testing.assert_array_equal(np.asarray(again.codes), np.asarray(k.codes))
+    assert not quant.scannable(k) and quant.layout(k)['scales'] == ((), (), ())
+  finally:
+    quant.base._REGISTRY.pop('int8_tensor')  # pylint: disable=protected-access
+  with pytest.raises(ValueError, match="Unknown quantization type 'int8_tensor'"):
+    quant.quantize_array(w, 'int8_tensor')
+
+
+def test_no_format_branches_outside_the_format_modules():
+  root = pathlib.Path(lj.__file__).parent
+  own = {root / 'quant' / f'{name}.py' for name in ('nf4', 'int4', 'int8', 'blockwise')}
+  for path in root.rglob('*.py'):
+    if path not in own:
+      assert not re.search(r"qtype\s*[!=]=|== *'(nf4|int4|int8)'", path.read_text()), path
 
 
 class Mlp(nn.Module):
