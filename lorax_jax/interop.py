@@ -75,9 +75,6 @@ UNSUPPORTED = {
     'arrow_config': None, 'kasa_config': None, 'trainable_token_indices': None,
     'monteclora_config': None,
 }
-# PEFT's `init_lora_weights` after which its adapter belongs to a changed (residual or
-# quantized) base.
-PEFT_RESIDUAL_INITS = ('pissa', 'olora', 'corda', 'loftq', 'lora_ga')
 LORA_VARIANTS = ('lora', 'lora_fa')
 _SUFFIXES = {'lora_A.weight': 'a', 'lora_B.weight': 'b', 'lora_embedding_A': 'a',
              'lora_embedding_B': 'b', 'lora_magnitude_vector': 'm'}
@@ -308,7 +305,7 @@ def save_peft(directory: str, adapters: Any, spec: Any, name_map: Any, *, params
           f'{path!r} uses variant {s.variant!r}, which has no PEFT LoRA format: save_peft '
           f"writes 'lora', 'lora_fa' (as LoRA), 'dora' and 'full' leaves (modules_to_save). "
           'Leave it out with exclude=, or keep the native (orbax) format.')
-    if s.init in inits.RESIDUAL + ('loftq',):
+    if inits.get(s.init).changes_base:
       raise ValueError(
           f'{path!r} was initialized with {s.init!r}, so it adapts a changed base (the residual '
           'W - s*A0@B0, or a quantized W), not the original weights PEFT would load it onto. '
@@ -468,7 +465,7 @@ def read_peft_config(directory: str) -> dict[str, Any]:
     raise ValueError(f'{path}: unknown config fields {sorted(unknown)} (from a newer PEFT?) with '
                      'values that may change the math; refusing to guess.')
   init = config.get('init_lora_weights', True)
-  if isinstance(init, str) and (init in PEFT_RESIDUAL_INITS or init.startswith('pissa')):
+  if inits.changes_base(init):
     raise ValueError(
         f"{path}: init_lora_weights={init!r}: this adapter belongs to PEFT's residual (or "
         'quantized) base, not to the original weights. Save it from PEFT with '

@@ -87,6 +87,9 @@ class Variant(NamedTuple):
       spans (or None: a rank or coefficient axis). Sharding derives adapter shardings from it.
     bind: optional `(path, spec) -> spec`, run once at selection: per-leaf settings derived from
       the leaf's path (NOLA's basis salt), so the adapter state itself never holds the path.
+    from_factors: optional `(w, a, b, spec) -> adapter`: the state for factors an init of
+      `lorax_jax.inits` computed (PiSSA, OLoRA, ...), `w` the base leaf the init returned (the
+      residual). Variants without it cannot take such inits (`make_spec` says so).
   """
   name: str
   init: Callable[[jax.Array, jax.Array, LeafSpec], tuple[jax.Array, Any]]
@@ -100,6 +103,7 @@ class Variant(NamedTuple):
   tie: Optional[Tie] = None
   layout: Optional[Callable[[LeafSpec], dict[str, tuple]]] = None
   bind: Optional[Callable[[str, LeafSpec], LeafSpec]] = None
+  from_factors: Optional[Callable[[jax.Array, jax.Array, jax.Array, LeafSpec], Any]] = None
 
 
 @jax.tree_util.register_dataclass
