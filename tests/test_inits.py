@@ -61,9 +61,9 @@ def _decoder():
 MODELS = {'mlp': _mlp, 'scanned_decoder': _decoder}
 
 
-def _init(model, init, rank=4, rules=None):
+def _init(model, init, rank=4, rules=None, variant='lora'):
   fn, params, x, loss, batches = MODELS[model]()
-  rules = rules or [(r'kernel$', _setting(init, rank))]
+  rules = rules or [(r'kernel$', {**_setting(init, rank), 'variant': variant})]
   spec = lj.make_spec(params, rules, fn=fn, args=(x,))
   new, adapters = lj.init(jax.random.key(5), params, spec, fn=loss, batches=batches,
                           num_batches=3)
@@ -92,6 +92,36 @@ def test_output_at_init_equals_the_original_model(model, init):
     dw = lj.merge({'k': w_new}, {'k': ad})['k']
     assert helpers.rel_err(dw, w) < 1e-5, path
     assert float(jnp.linalg.norm(ad.b)) > 0 and float(jnp.linalg.norm(ad.a)) > 0
+
+
+@pytest.mark.parametrize('model', list(MODELS))
+@pytest.mark.parametrize('init', ['pissa', 'olora', 'milora', 'lora_ga', 'corda', 'eva'])
+def test_dora_composes_with_the_factor_inits(model, init):
+  """DoRA + PiSSA/OLoRA/MiLoRA (as PEFT composes them) and the calibrated factor inits: the
+  base becomes W_res = W - s*A@B, the magnitude is the column norm of the ORIGINAL W, and the
+  output at init equals the original model's."""
+  fn, params, x, spec, new, adapters = _init(model, init, variant='dora')
+  out = jax.jit(lj.lora(fn, strict=True))(lj.join(new, adapters), x)
+  assert helpers.rel_err(out, fn(params, x)) < 1e-5
+  states = lj.paths.flat(adapters, is_leaf=lj.adapters.is_adapter)
+  for path, s in lj.spec.spec_leaves(spec).items():
+    ad = states.get(path)
+    if ad is None:    # EVA may give a leaf rank 0
+      continue
+    assert isinstance(ad, lj.DoraParams)
+    w = np.asarray(_leaf(params, path), np.float64)
+    norm = np.linalg.norm(np.asarray(lj.variants.common.matrix(w, s)), axis=-2)
+    np.testing.assert_allclose(np.asarray(ad.magnitude).reshape(norm.shape), norm, rtol=1e-5)
+    merged = lj.merge({'k': _leaf(new, path)}, {'k': ad})['k']
+    assert helpers.rel_err(merged, _leaf(params, path)) < 1e-5, path
+    if init != 'eva':
+      assert float(jnp.linalg.norm(ad.b)) > 0
+
+
+def test_to_lora_refuses_a_residual_dora():
+  fn, params, x, spec, new, initial = _init('mlp', 'pissa', variant='dora')
+  with pytest.raises(ValueError, match="'dora' adapter on the residual base of init 'pissa'"):
+    lj.to_lora(initial, initial)
 
 
 def _svd64(m):
@@ -289,7 +319,10 @@ def test_qpissa_quantizes_the_residual():
     ({'init': 'loftq', 'init_options': {'quant': 'fp3'}}, "Unknown quantization type 'fp3'"),
     ({'init': 'loftq', 'init_options': {'iters': 0}}, 'iters=0'),
     ({'init': 'eva', 'init_options': {'rho': 0.5}}, 'rho=0.5'),
-    ({'init': 'pissa', 'variant': 'dora'}, "applies to variant 'lora', not 'dora'"),
+    ({'init': 'pissa', 'variant': 'vera'},
+     r"init 'pissa' .* serves the variants \['lora', 'dora'\], not 'vera'"),
+    ({'init': 'olora', 'variant': 'loha'}, r"init 'olora' .* not 'loha'"),
+    ({'init': 'loftq', 'variant': 'dora'}, r"init 'loftq' .* serves the variants \['lora'\]"),
     ({'init': 'lora_ga', 'rank': 20}, "'ArBr' for rank 20"),
 ])
 def test_bad_init_settings(setting, match):
