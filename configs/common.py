@@ -49,15 +49,15 @@ def adapter(rank: int, variant: str = 'lora', init: str = 'kaiming') -> ml_colle
   Raises:
     ValueError: for an unknown variant or init (naming the allowed ones).
   """
-  from lorax_jax import spec, variants  # pylint: disable=g-import-not-at-top
-  base_init = 'pissa' if init.startswith('pissa_niter_') else init
-  if base_init not in spec.INITS:
-    raise ValueError(f'Unknown init {init!r}; allowed: {list(spec.INITS)}.')
+  from lorax_jax import inits, variants  # pylint: disable=g-import-not-at-top
+  if inits.resolve(init) is None:
+    raise ValueError(f'Unknown init {init!r}; allowed: {list(inits.names())}.')
+  base_init = inits.resolve(init)[0]
   return ml_collections.ConfigDict(dict(
       variant=variant, rank=rank, alpha=2.0 * rank, scaling='alpha/r', dropout=0.0,
       options=ml_collections.ConfigDict(dict(variants.get(variant).options)),
       init=init, init_options=ml_collections.ConfigDict(
-          dict(spec.INIT_OPTIONS.get(base_init, {}))), calibration_batches=8))
+          dict(inits.get(base_init).options)), calibration_batches=8))
 
 
 def dynamics(name: str, rank: int, steps: int) -> ml_collections.ConfigDict:

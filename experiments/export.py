@@ -106,7 +106,7 @@ def restore(config, workdir: str):
     ckpts.close()
   if changes_base:
     base = params = state['params']
-  residual = any(s.init in lj.inits.RESIDUAL for s in lj.spec.spec_leaves(spec).values())
+  residual = any(lj.inits.get(s.init).residual for s in lj.spec.spec_leaves(spec).values())
   adapters = lj.to_lora(state['adapters'], initial)
   spec = jax.tree_util.tree_map(lambda a: a.spec, adapters, is_leaf=lj.adapters.is_adapter)
   # Converted adapters belong to the original base; the others to the trained-on (e.g. NF4) one.

@@ -16,16 +16,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lorax_jax import calibration
 from lorax_jax import inits
 from lorax_jax import paths
 from lorax_jax import quant as quant_lib
 from lorax_jax import spec as spec_lib
 from lorax_jax import variants
+from lorax_jax.inits import calibration
 from lorax_jax.joined import Adapted, is_adapted, is_adapter  # noqa: F401
 from lorax_jax.variants import merged_leaf  # noqa: F401
-
-
 
 
 def _leaf_key(key: jax.Array, path: str) -> jax.Array:
@@ -42,8 +40,9 @@ def init(key: jax.Array, params: Any, spec: dict[str, Any], *, fn: Any = None,
     params: the base parameters (linen dict or NNX State); leaves may be quantized
       (`lorax_jax.quant`).
     spec: from `make_spec(params, ...)`.
-    fn: for the calibrated inits (`'lora_ga'`, `'eva'`, `'corda'`, see
-      `lorax_jax.calibration`): the loss `(params, batch) -> scalar` (or `(loss, aux)`).
+    fn: for the calibrated inits (those whose record needs gradients or activations:
+      `'lora_ga'`, `'eva'`, `'corda'`, see `lorax_jax.inits`): the loss
+      `(params, batch) -> scalar` (or `(loss, aux)`).
     batches: their calibration batches (an iterable).
     num_batches: how many batches each calibrated init uses (EVA may stop earlier).
 
@@ -55,22 +54,18 @@ def init(key: jax.Array, params: Any, spec: dict[str, Any], *, fn: Any = None,
 
   Raises:
     ValueError: if the spec does not fit `params`, a calibrated init lacks `fn` or `batches`,
-      the batches run dry, or a residual init meets an already quantized leaf.
+      the batches run dry, or an init that changes the base meets an already quantized leaf.
   """
   spec_lib.validate_against(params, spec)
   specs = spec_lib.spec_leaves(spec)
+  records = {p: inits.get(s.init) for p, s in specs.items() if s.variant != spec_lib.FULL}
   adapters = {}
   changed = {}
-  calibrated = {p: s for p, s in specs.items() if s.init in _CALIBRATED}
+  calibrated = {p: s for p, s in specs.items() if p in records and records[p].calibrated}
   for path, _, leaf in paths.leaves_with_paths(params):
-    s = specs.get(path)
-    if quant_lib.is_quantized(leaf) and s is not None and s.init in _RESIDUAL:
-      raise ValueError(
-          f'init {s.init!r} for {path!r} replaces the base by a residual, but the leaf is '
-          'already quantized: its rounding would be compounded. Initialize on the float base, '
-          'then quantize the residual (QPiSSA: quantize(params, spec) after init).')
+    if quant_lib.is_quantized(leaf) and path in records and records[path].changes_base:
+      raise ValueError(_on_quantized(path, records[path]))
   if calibrated:
-
     done = calibration.run(key, params, calibrated, fn, batches, num_batches)
   for path, keys, leaf in paths.leaves_with_paths(params):
     s = specs.get(path)
@@ -82,7 +77,8 @@ def init(key: jax.Array, params: Any, spec: dict[str, Any], *, fn: Any = None,
       if got is None:
         continue
       w, a, b, s = got
-      adapters[keys] = variants.LoraParams(a, b, s)
+      w_float = quant_lib.dequantize_array(w) if quant_lib.is_quantized(w) else w
+      adapters[keys] = variants.get(s.variant).from_factors(w_float, a, b, s)
       if w is not leaf:
         changed[path] = w
       continue
@@ -90,9 +86,13 @@ def init(key: jax.Array, params: Any, spec: dict[str, Any], *, fn: Any = None,
       value = quant_lib.dequantize_array(leaf) if quantized else jnp.array(leaf, copy=True)
       adapters[keys] = variants.FullParams(value, s)
       continue
-    w_in = leaf if quantized and s.init == 'loftq' else (
-        quant_lib.dequantize_array(leaf) if quantized else jnp.asarray(leaf))
-    w, adapter = variants.get(s.variant).init(_leaf_key(key, path), w_in, s)
+    w_in = quant_lib.dequantize_array(leaf) if quantized else jnp.asarray(leaf)
+    if records[path].factors is not None:
+      w, a, b = records[path].factors(_leaf_key(key, path), w_in, s)
+      w_float = quant_lib.dequantize_array(w) if quant_lib.is_quantized(w) else w
+      adapter = variants.get(s.variant).from_factors(w_float, a, b, s)
+    else:
+      w, adapter = variants.get(s.variant).init(_leaf_key(key, path), w_in, s)
     adapters[keys] = adapter
     if w is not w_in:
       changed[path] = w
@@ -110,9 +110,15 @@ def init(key: jax.Array, params: Any, spec: dict[str, Any], *, fn: Any = None,
   return params, paths.nest(adapters)
 
 
-# Inits that replace the base by a residual, and those that need calibration data.
-_RESIDUAL = ('pissa', 'milora', 'olora', 'lora_ga', 'corda')
-_CALIBRATED = ('lora_ga', 'eva', 'corda')
+def _on_quantized(path: str, record: inits.Init) -> str:
+  """The error for an init that changes the base of an already quantized leaf."""
+  if record.residual:
+    return (f'init {record.name!r} for {path!r} replaces the base by a residual, but the leaf is '
+            'already quantized: its rounding would be compounded. Initialize on the float base, '
+            'then quantize the residual (QPiSSA: quantize(params, spec) after init).')
+  return (f'init {record.name!r} for {path!r} needs the float base, but the leaf is already '
+          'quantized: initialize before quantizing (the init sets the base itself, LoftQ '
+          'quantizes it).')
 
 
 def _flat_adapters(adapters: Any) -> dict[str, Any]:
@@ -318,21 +324,28 @@ def to_lora(adapters: Any, initial: Any) -> Any:
     equals `merge(residual_base, adapters)` up to rounding.
 
   Raises:
-    ValueError: for LoftQ leaves (their quantization error is not low-rank) or a leaf missing
-      from `initial`.
+    ValueError: for LoftQ leaves (their quantization error is not low-rank), a residual leaf of
+      another variant than LoRA (a DoRA update is not a LoRA update), or a leaf missing from
+      `initial`.
   """
   flat = paths.flat(adapters, is_leaf=is_adapter)
   flat0 = paths.flat(initial, is_leaf=is_adapter)
   out = {}
   for path, ad in flat.items():
     spec = getattr(ad, 'spec', None)
-    if spec is None or spec.init not in inits.RESIDUAL + ('loftq',):
+    if spec is None or spec.variant == spec_lib.FULL or not inits.get(spec.init).changes_base:
       out[tuple(path.split('/'))] = ad
       continue
-    if spec.init == 'loftq':
-      raise ValueError(f'{path!r} was initialized by LoftQ: its base is the quantized W, whose '
-                       'error is not low-rank, so it has no LoRA form against the float base. '
-                       'Merge it into the quantized base instead (merge(..., requantize=...)).')
+    if not inits.get(spec.init).residual:
+      raise ValueError(f'{path!r} was initialized by {spec.init!r} (LoftQ): its base is the '
+                       'quantized W, whose error is not low-rank, so it has no LoRA form against '
+                       'the float base. Merge it into the quantized base instead '
+                       '(merge(..., requantize=...)).')
+    if not isinstance(ad, variants.LoraParams):
+      raise ValueError(f'{path!r} is a {spec.variant!r} adapter on the residual base of init '
+                       f'{spec.init!r}: to_lora writes plain LoRA adapters, and a '
+                       f'{spec.variant!r} update is not a low-rank update of W. Merge it '
+                       'instead: merge(residual_params, adapters) are the trained weights.')
     ad0 = flat0.get(path)
     if ad0 is None or ad0.spec.rank != spec.rank:
       raise ValueError(f'initial has no rank-{spec.rank} adapter at {path!r}: pass the adapter '

@@ -32,8 +32,8 @@ class LeafSpec:
     init: initialization: `'kaiming'` (A uniform, as torch's Linear) or `'gaussian'` with B = 0,
       or a weight-aware init of `lorax_jax.inits` (`'pissa'` (or PEFT's `'pissa_niter_K'`),
       `'milora'`, `'olora'`, `'loftq'`, and the calibrated `'lora_ga'`, `'eva'`, `'corda'`).
-    init_options: the init's settings (`INIT_OPTIONS`), as sorted `(key, value)` pairs with
-      defaults filled in; read them with `init_opt(key)`.
+    init_options: the init's settings (its record's `options`), as sorted `(key, value)`
+      pairs with defaults filled in; read them with `init_opt(key)`.
     dtype: adapter dtype name, or None for the base leaf's dtype.
     shape: the base leaf's shape.
     batch_axes: stacked (scanned / vmapped) axes of the kernel; adapters are stacked over them.

@@ -29,17 +29,6 @@ from lorax_jax import variants
 from lorax_jax.leafspec import FULL, SCALINGS, LeafSpec, spec_leaves  # noqa: F401
 from lorax_jax.select import Rule, as_rule, select  # noqa: F401
 
-INITS = ('kaiming', 'gaussian', 'pissa', 'milora', 'olora', 'loftq', 'lora_ga', 'eva', 'corda')
-# Weight-aware inits and their options (defaults); see `lorax_jax.inits`.
-INIT_OPTIONS = {
-    'pissa': {'niter': None, 'oversample': 10},
-    'milora': {},
-    'olora': {},
-    'loftq': {'quant': 'nf4', 'iters': 1},
-    'lora_ga': {'direction': 'ArB2r', 'scale': 'stable', 'stable_gamma': 16.0},
-    'eva': {'rho': 2.0, 'tau': 0.99, 'adjust_scaling': True},
-    'corda': {'mode': 'ipm', 'damping': 0.01},
-}
 SETTING_KEYS = ('variant', 'rank', 'alpha', 'scaling', 'dropout', 'init', 'init_options', 'dtype',
                 'in_axes', 'out_axes', 'batch_axes')
 
@@ -111,25 +100,36 @@ def _hashable(value):
   return value
 
 
+def serves(init: str, variant: str) -> bool:
+  """Whether the registered init `init` can initialize variant `variant`: the init's record
+  lists it (or lists none), and an init that sets the factors needs `Variant.from_factors`."""
+  record = inits.get(init)
+  if record.variants is not None and variant not in record.variants:
+    return False
+  return not record.sets_factors or variants.get(variant).from_factors is not None
+
+
 def _init_setting(path, variant, init, options):
-  """Validated `(init, init_options)`; PEFT's `'pissa_niter_K'` is `'pissa'` with niter K."""
+  """Validated `(init, init_options)`; other spellings (PEFT's `'pissa_niter_K'`, `'pissa'`
+  with niter K) resolve through the init registry."""
   options = dict(options or {})
-  if not isinstance(init, str):
-    raise ValueError(f'init={init!r} for {path!r} must be one of {list(INITS)}.')
-  m = re.fullmatch(r'pissa_niter_(\d+)', init)
-  if m:
-    init, options = 'pissa', {**options, 'niter': int(m.group(1))}
-  if init not in INITS:
-    raise ValueError(f'Unknown init {init!r} for {path!r}; allowed: {list(INITS)} (and '
+  got = inits.resolve(init)
+  if got is None:
+    if not isinstance(init, str):
+      raise ValueError(f'init={init!r} for {path!r} must be one of {list(inits.names())}.')
+    raise ValueError(f'Unknown init {init!r} for {path!r}; allowed: {list(inits.names())} (and '
                      "'pissa_niter_K').")
-  allowed = INIT_OPTIONS.get(init, {})
+  init, implied = got
+  options = {**options, **implied}
+  allowed = inits.get(init).options
   unknown = sorted(set(options) - set(allowed))
   if unknown:
     raise ValueError(f'Unknown init_options {unknown} for init {init!r} at {path!r}; allowed: '
                      f'{sorted(allowed)}.')
-  if init in INIT_OPTIONS and variant != 'lora':
-    raise ValueError(f'init {init!r} for {path!r} sets both A and B (and the base) from data; '
-                     f"it applies to variant 'lora', not {variant!r}.")
+  if not serves(init, variant):
+    served = [v for v in variants.names() if serves(init, v)]
+    raise ValueError(f'init {init!r} for {path!r} sets the factors (and the base) from data; it '
+                     f'serves the variants {served}, not {variant!r}.')
   out = []
   for key in sorted(allowed):
     value = _hashable(options.get(key, allowed[key]))
@@ -220,8 +220,7 @@ def _leaf_spec(path, leaf, setting, defaults, inferred) -> LeafSpec | None:
   variants.get(variant).check(path, spec)
   if variants.get(variant).bind is not None:
     spec = variants.get(variant).bind(path, spec)
-  if init in INIT_OPTIONS:
-    inits.check(path, spec)
+  inits.get(init).check(path, spec)
   return spec
 
 

@@ -61,9 +61,9 @@ def _decoder():
 MODELS = {'mlp': _mlp, 'scanned_decoder': _decoder}
 
 
-def _init(model, init, rank=4, rules=None):
+def _init(model, init, rank=4, rules=None, variant='lora'):
   fn, params, x, loss, batches = MODELS[model]()
-  rules = rules or [(r'kernel$', _setting(init, rank))]
+  rules = rules or [(r'kernel$', {**_setting(init, rank), 'variant': variant})]
   spec = lj.make_spec(params, rules, fn=fn, args=(x,))
   new, adapters = lj.init(jax.random.key(5), params, spec, fn=loss, batches=batches,
                           num_batches=3)
@@ -92,6 +92,36 @@ def test_output_at_init_equals_the_original_model(model, init):
     dw = lj.merge({'k': w_new}, {'k': ad})['k']
     assert helpers.rel_err(dw, w) < 1e-5, path
     assert float(jnp.linalg.norm(ad.b)) > 0 and float(jnp.linalg.norm(ad.a)) > 0
+
+
+@pytest.mark.parametrize('model', list(MODELS))
+@pytest.mark.parametrize('init', ['pissa', 'olora', 'milora', 'lora_ga', 'corda', 'eva'])
+def test_dora_composes_with_the_factor_inits(model, init):
+  """DoRA + PiSSA/OLoRA/MiLoRA (as PEFT composes them) and the calibrated factor inits: the
+  base becomes W_res = W - s*A@B, the magnitude is the column norm of the ORIGINAL W, and the
+  output at init equals the original model's."""
+  fn, params, x, spec, new, adapters = _init(model, init, variant='dora')
+  out = jax.jit(lj.lora(fn, strict=True))(lj.join(new, adapters), x)
+  assert helpers.rel_err(out, fn(params, x)) < 1e-5
+  states = lj.paths.flat(adapters, is_leaf=lj.adapters.is_adapter)
+  for path, s in lj.spec.spec_leaves(spec).items():
+    ad = states.get(path)
+    if ad is None:    # EVA may give a leaf rank 0
+      continue
+    assert isinstance(ad, lj.DoraParams)
+    w = np.asarray(_leaf(params, path), np.float64)
+    norm = np.linalg.norm(np.asarray(lj.variants.common.matrix(w, s)), axis=-2)
+    np.testing.assert_allclose(np.asarray(ad.magnitude).reshape(norm.shape), norm, rtol=1e-5)
+    merged = lj.merge({'k': _leaf(new, path)}, {'k': ad})['k']
+    assert helpers.rel_err(merged, _leaf(params, path)) < 1e-5, path
+    if init != 'eva':
+      assert float(jnp.linalg.norm(ad.b)) > 0
+
+
+def test_to_lora_refuses_a_residual_dora():
+  fn, params, x, spec, new, initial = _init('mlp', 'pissa', variant='dora')
+  with pytest.raises(ValueError, match="'dora' adapter on the residual base of init 'pissa'"):
+    lj.to_lora(initial, initial)
 
 
 def _svd64(m):
@@ -289,7 +319,10 @@ def test_qpissa_quantizes_the_residual():
     ({'init': 'loftq', 'init_options': {'quant': 'fp3'}}, "Unknown quantization type 'fp3'"),
     ({'init': 'loftq', 'init_options': {'iters': 0}}, 'iters=0'),
     ({'init': 'eva', 'init_options': {'rho': 0.5}}, 'rho=0.5'),
-    ({'init': 'pissa', 'variant': 'dora'}, "applies to variant 'lora', not 'dora'"),
+    ({'init': 'pissa', 'variant': 'vera'},
+     r"init 'pissa' .* serves the variants \['lora', 'dora'\], not 'vera'"),
+    ({'init': 'olora', 'variant': 'loha'}, r"init 'olora' .* not 'loha'"),
+    ({'init': 'loftq', 'variant': 'dora'}, r"init 'loftq' .* serves the variants \['lora'\]"),
     ({'init': 'lora_ga', 'rank': 20}, "'ArBr' for rank 20"),
 ])
 def test_bad_init_settings(setting, match):
@@ -355,3 +388,69 @@ def test_inits_are_jittable():
   q, a, b, errs = jax.jit(lambda w: inits.loftq(w, spec, 'nf4', 2))(w)
   assert isinstance(q, lj.QuantizedArray) and q.stack_axes == 1 and float(errs[1]) < float(
       errs[0])
+
+
+def test_a_registered_init_is_one_record(monkeypatch):
+  """A new init is one Init record: make_spec validates its options and variants, init runs it
+  for LoRA and DoRA, to_lora converts it because its record says the base is the residual."""
+  def factors(key, w, spec):
+    del key   # the top-r SVD with all of sigma on A's side
+    u, s, vh = inits.svd(lj.variants.common.matrix(w.astype(jnp.float32), spec))
+    r = spec.rank
+    return inits.linalg.residual(w, spec, u[..., :r] * s[..., None, :r] / spec.scale,
+                                 vh[..., :r, :])
+
+  def check(path, spec):
+    if spec.init_opt('flag') not in (0, 1):
+      raise ValueError(f'flag for {path!r} must be 0 or 1.')
+
+  name = 'test_svd_left'
+  monkeypatch.setattr(inits.base, '_REGISTRY', dict(inits.base._REGISTRY))  # undone after
+  inits.register(inits.Init(name, options={'flag': 0}, needs=frozenset({inits.WEIGHT}),
+                              changes_base=True, residual=True, check=check, factors=factors))
+  with pytest.raises(ValueError, match='already registered'):
+    inits.register(inits.get(name))
+  assert inits.changes_base(name) and inits.changes_base('pissa_niter_3')
+  assert not inits.changes_base('eva') and not inits.changes_base('nope')
+  fn, params, x, loss, batches = _mlp()
+  with pytest.raises(ValueError, match='flag for'):
+    lj.make_spec(params, [(r'kernel$', {'init': name, 'init_options': {'flag': 2}})],
+                 fn=fn, args=(x,))
+  with pytest.raises(ValueError, match=f"init '{name}' .* not 'vera'"):
+    lj.make_spec(params, [(r'kernel$', {'init': name, 'variant': 'vera'})], fn=fn, args=(x,))
+  for variant in ('dora', 'lora'):
+    spec = lj.make_spec(params, [(r'kernel$', {'rank': 4, 'init': name, 'variant': variant})],
+                        fn=fn, args=(x,))
+    new, ad = lj.init(jax.random.key(0), params, spec)
+    assert helpers.rel_err(jax.jit(lj.lora(fn, strict=True))(lj.join(new, ad), x),
+                           fn(params, x)) < 1e-5
+  trained = helpers.randomize(ad, jax.random.key(1), 0.05)
+  plain = lj.paths.flat(lj.to_lora(trained, ad), lj.adapters.is_adapter)
+  assert plain['up/kernel'].spec.rank == 8 and plain['up/kernel'].spec.init == 'kaiming'
+
+
+def test_calibration_is_one_pass_over_the_batches():
+  """LoRA-GA, CorDA and EVA together draw each batch once, from a one-shot iterator, and give
+  the same factors as each init run alone."""
+  fn, params, x, loss, batches = _mlp()
+  rules = [(r'^up/kernel$', _setting('lora_ga')), (r'^heads/kernel$', _setting('corda')),
+           (r'^down/kernel$', {**_setting('eva'), 'init_options': {'tau': 1.0}})]
+  spec = lj.make_spec(params, rules, fn=fn, args=(x,))
+  drawn = []
+
+  def once():
+    for b in batches[:3]:
+      drawn.append(1)
+      yield b
+
+  new, ad = lj.init(jax.random.key(5), params, spec, fn=loss, batches=once(), num_batches=3)
+  assert len(drawn) == 3
+  assert helpers.rel_err(jax.jit(lj.lora(fn, strict=True))(lj.join(new, ad), x),
+                         fn(params, x)) < 1e-5
+  for pattern, setting in rules:
+    alone = lj.make_spec(params, [(pattern, setting)], fn=fn, args=(x,))
+    _, ad1 = lj.init(jax.random.key(5), params, alone, fn=loss, batches=batches, num_batches=3)
+    path = pattern.strip('^$')
+    a, b = _leaf(ad, path), _leaf(ad1, path)
+    assert a.spec == b.spec
+    np.testing.assert_allclose(a.a, b.a, rtol=1e-4, atol=1e-5 * float(np.max(np.abs(b.a))))

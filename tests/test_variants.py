@@ -31,6 +31,8 @@ from tests.test_layers import CASES, VARIANT_BF16_LAYERS, VARIANT_LAYERS
 
 R = 2
 VARIANTS = list(lj.variants.names())
+# Variants with a weight-aware init ('variant+init'): the base becomes the residual W - s*A@B.
+VARIANTS += ['dora+pissa', 'dora+olora']
 # Dense, multi-axis in / in+out, transposed einsum, conv, embedding lookup, tied embedding as a
 # head (contracting the out-axes), scanned and vmapped (stacked) kernels.
 LAYERS = VARIANT_LAYERS
@@ -44,8 +46,14 @@ TRAINABLE = {
 }
 
 
+def _name(variant: str) -> str:
+  """The variant of a row ('dora+pissa' -> 'dora')."""
+  return variant.partition('+')[0]
+
+
 def expected_count(variant: str, stack: int, d_in: int, d_out: int, spec) -> int:
   """Trainable parameters of one kernel, from each method's paper (independent of the code)."""
+  variant = _name(variant)
   if variant == 'lora':
     return stack * R * (d_in + d_out)
   if variant == 'dora':
@@ -80,8 +88,9 @@ def _setup(variant, name, dtype, **setting):
   case = CASES[name]()
   params = helpers.cast_tree(case.params, dtype)
   args = tuple(helpers.cast_tree(a, dtype) for a in case.args)
+  variant, _, init = variant.partition('+')
   setting = {'variant': variant, 'rank': R, 'alpha': 3.0, 'dtype': 'float32',
-             **LAW_SETTINGS.get(variant, {}), **setting}
+             **LAW_SETTINGS.get(variant, {}), **({'init': init} if init else {}), **setting}
   spec = lj.make_spec(params, [(case.pattern, setting)], fn=case.fn, args=args)
   params, adapters = lj.init(jax.random.key(7), params, spec)
   return case, params, args, adapters
@@ -114,6 +123,12 @@ ids = lambda x: jnp.dtype(x).name if not isinstance(x, str) else x
 @pytest.mark.parametrize('variant,name,dtype', ALL_BF16, ids=ids)
 def test_identity_at_init(variant, name, dtype):
   case, params, args, adapters = _setup(variant, name, dtype)
+  if '+' in variant:   # a residual base: W_res + s*A@B equals W up to rounding, not bitwise
+    out = jax.jit(lj.lora(case.fn, strict=True))(lj.join(params, adapters), *args)
+    ref = case.fn(helpers.cast_tree(case.params, dtype), *args)
+    assert helpers.rel_err(out, np.asarray(jnp.asarray(ref, jnp.float32), np.float64)) < (
+        helpers.TOL[dtype])
+    return
   helpers.assert_identity_at_init(case.fn, params, adapters, *args)
 
 
@@ -147,7 +162,7 @@ def test_param_count_and_summary(variant, name):
   assert sorted(states) == sorted(case.expected)
   expected = sum(expected_count(variant, *case.expected[p], states[p].spec) for p in states)
   assert lj.count_params(adapters) == expected
-  spec = lj.make_spec(params, [(case.pattern, {'variant': variant, 'rank': R})],
+  spec = lj.make_spec(params, [(case.pattern, {'variant': _name(variant), 'rank': R})],
                       fn=case.fn, args=case.args)
   text = lj.summary(params, spec, print_fn=None)
   assert f'trainable {expected:,} of' in text
@@ -162,13 +177,13 @@ def test_gradients_where_the_method_says(variant, name):
   grads = jax.grad(lambda a: loss_fn(lj.join(params, a), args, None))(adapters)
   assert jax.tree_util.tree_structure(grads) == jax.tree_util.tree_structure(adapters)
   for path, g in _adapter_states(grads).items():
-    for field in TRAINABLE[variant]:
+    for field in TRAINABLE[_name(variant)]:
       value = getattr(g, field)
       if value is None:  # a tied member: the shared pair lives at its owner
         assert variant == 'tied_lora' and field in ('a', 'b')
         continue
       assert np.any(np.asarray(value) != 0), (path, field)
-    for field in set(lj.variants.base.field_labels(g)) - set(TRAINABLE[variant]):
+    for field in set(lj.variants.base.field_labels(g)) - set(TRAINABLE[_name(variant)]):
       np.testing.assert_array_equal(np.asarray(getattr(g, field)), 0)
   tx = lj.optimizer(1e-2, weight_decay=0.1)
   step = lj.make_train_step(loss_fn, tx)
@@ -207,7 +222,7 @@ def _np(x):
   return np.asarray(x, np.float64)
 
 
-FORMULA_CASES = [(v, (12, 10), 3, {}) for v in VARIANTS if v not in ('lokr', 'nola')] + [
+FORMULA_CASES = [(v, (12, 10), 3, {}) for v in lj.variants.names() if v not in ('lokr', 'nola')] + [
     ('lokr', (12, 18), 2, {'factor': f}) for f in (-1, 2, 3)] + [
     ('nola', (12, 10), 3, {'num_basis': 5})]
 
@@ -224,7 +239,7 @@ def test_merge_is_the_papers_formula(variant, shape, rank, setting):
 
 
 def test_every_variant_declares_its_formula():
-  assert all(lj.variants.get(v).reference is not None for v in VARIANTS)
+  assert all(lj.variants.get(v).reference is not None for v in lj.variants.names())
 
 
 def test_dora_column_norm_is_the_expanded_norm():
@@ -504,7 +519,8 @@ def test_every_variant_trains_a_small_model():
   model, params, _, x = _two_layers('lora')
   y = jax.random.normal(jax.random.key(5), (4, 5))
   for variant in VARIANTS:
-    spec = lj.make_spec(params, [('kernel', {'variant': variant, 'rank': 2})])
+    init = variant.partition('+')[2] or 'kaiming'
+    spec = lj.make_spec(params, [('kernel', {'variant': _name(variant), 'rank': 2, 'init': init})])
     p, adapters = lj.init(jax.random.key(2), params, spec)
     apply = lj.lora(model.apply)
 

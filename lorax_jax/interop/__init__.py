@@ -39,9 +39,9 @@ from lorax_jax.interop.hf_layout import layout, name_map_entries
 from lorax_jax.interop.load import load_peft
 from lorax_jax.interop.save import LORA_VARIANTS, save_peft
 from lorax_jax.interop.schema import (CONFIG_NAME, LORA_DEFAULTS, PEFT_FORMAT_VERSION,
-                                      PEFT_RESIDUAL_INITS, PREFIX, UNSUPPORTED, WEIGHTS_NAME,
+                                      PREFIX, UNSUPPORTED, WEIGHTS_NAME,
                                       read_peft_config)
 
 __all__ = ['CONFIG_NAME', 'LORA_DEFAULTS', 'LORA_VARIANTS', 'PEFT_FORMAT_VERSION',
-           'PEFT_RESIDUAL_INITS', 'PREFIX', 'UNSUPPORTED', 'WEIGHTS_NAME', 'export_hf', 'layout',
+           'PREFIX', 'UNSUPPORTED', 'WEIGHTS_NAME', 'export_hf', 'layout',
            'load_peft', 'name_map_entries', 'read_peft_config', 'save_peft']

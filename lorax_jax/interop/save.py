@@ -107,7 +107,7 @@ def _members(flat: dict[str, Any], specs: dict[str, Any], entries: Sequence[hf.E
           f'{path!r} uses variant {s.variant!r}, which has no PEFT LoRA format: save_peft '
           f"writes 'lora', 'lora_fa' (as LoRA), 'dora' and 'full' leaves (modules_to_save). "
           'Leave it out with exclude=, or keep the native (orbax) format.')
-    if s.init in inits.RESIDUAL + ('loftq',):
+    if inits.get(s.init).changes_base:
       raise ValueError(
           f'{path!r} was initialized with {s.init!r}, so it adapts a changed base (the residual '
           'W - s*A0@B0, or a quantized W), not the original weights PEFT would load it onto. '

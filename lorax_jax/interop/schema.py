@@ -10,6 +10,8 @@ import os
 import re
 from typing import Any, Mapping, Sequence
 
+from lorax_jax import inits
+
 CONFIG_NAME = 'adapter_config.json'
 WEIGHTS_NAME = 'adapter_model.safetensors'
 PREFIX = 'base_model.model.'
@@ -38,9 +40,6 @@ UNSUPPORTED = {
     'arrow_config': None, 'kasa_config': None, 'trainable_token_indices': None,
     'monteclora_config': None,
 }
-# PEFT's `init_lora_weights` after which its adapter belongs to a changed (residual or
-# quantized) base.
-PEFT_RESIDUAL_INITS = ('pissa', 'olora', 'corda', 'loftq', 'lora_ga')
 # Tensor name suffixes of a LoRA module -> the part they hold (A, B, DoRA's magnitude).
 SUFFIXES = {'lora_A.weight': 'a', 'lora_B.weight': 'b', 'lora_embedding_A': 'a',
             'lora_embedding_B': 'b', 'lora_magnitude_vector': 'm'}
@@ -156,7 +155,7 @@ def _check_fields(path: str, config: dict[str, Any]) -> None:
     raise ValueError(f'{path}: unknown config fields {sorted(unknown)} (from a newer PEFT?) with '
                      'values that may change the math; refusing to guess.')
   init = config.get('init_lora_weights', True)
-  if isinstance(init, str) and (init in PEFT_RESIDUAL_INITS or init.startswith('pissa')):
+  if inits.changes_base(init):
     raise ValueError(
         f"{path}: init_lora_weights={init!r}: this adapter belongs to PEFT's residual (or "
         'quantized) base, not to the original weights. Save it from PEFT with '

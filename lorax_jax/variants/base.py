@@ -90,6 +90,9 @@ class Variant(NamedTuple):
       tests (tests/test_variants.py) check every variant's `merge` against it.
     bind: optional `(path, spec) -> spec`, run once at selection: per-leaf settings derived from
       the leaf's path (NOLA's basis salt), so the adapter state itself never holds the path.
+    from_factors: optional `(w, a, b, spec) -> adapter`: the state for factors an init of
+      `lorax_jax.inits` computed (PiSSA, OLoRA, ...), `w` the base leaf the init returned (the
+      residual). Variants without it cannot take such inits (`make_spec` says so).
   """
   name: str
   init: Callable[[jax.Array, jax.Array, LeafSpec], tuple[jax.Array, Any]]
@@ -104,6 +107,7 @@ class Variant(NamedTuple):
   layout: Optional[Callable[[LeafSpec], dict[str, tuple]]] = None
   bind: Optional[Callable[[str, LeafSpec], LeafSpec]] = None
   reference: Optional[Callable[[Any, Any], Any]] = None
+  from_factors: Optional[Callable[[jax.Array, jax.Array, jax.Array, LeafSpec], Any]] = None
 
 
 @jax.tree_util.register_dataclass

@@ -12,9 +12,6 @@ from lorax_jax import layout
 from lorax_jax.leafspec import LeafSpec
 
 
-WEIGHT_AWARE = ('pissa', 'milora', 'olora', 'loftq', 'lora_ga', 'eva', 'corda')
-
-
 def adapter_dtype(spec: LeafSpec, w) -> jnp.dtype:
   return jnp.dtype(spec.dtype or w.dtype)
 

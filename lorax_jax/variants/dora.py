@@ -3,7 +3,9 @@
     W' = m * (W + s*A@B) / ||W + s*A@B||_c
 
 with the column norm taken over the kernel's in-axes for each output unit (and each stacked
-layer), m initialized to ||W||_c so that W' = W at init. As in the paper (section 4.3) and PEFT,
+layer), m initialized to ||W||_c so that W' = W at init. The weight-aware inits of
+`lorax_jax.inits` compose (as in PEFT): with PiSSA the base is W_res = W - s*A@B and m is the
+column norm of W_res + s*A@B, the original W. As in the paper (section 4.3) and PEFT,
 the norm is treated as a constant in the backward pass.
 
 `lora(fn)` never forms W + s*A@B: the forward is `(x@W + s*((x@A)@B)) * (m / n)` and the squared
@@ -78,9 +80,13 @@ def dora() -> Variant:
 
   def init(key, w, spec: LeafSpec):
     a, b = common.lora_pair(key, w, spec)
-    # The same norm code as the forward, so that m / n is exactly 1 at init.
+    return w, from_factors(w, a, b, spec)
+
+  def from_factors(w, a, b, spec: LeafSpec):
+    # The same norm code as the forward, so that m / n is exactly 1 at init. For a residual
+    # init (PiSSA, OLoRA, ...) w is W - s*A@B, so m is the column norm of the original W.
     m = column_norm(w, a, b, spec).astype(a.dtype)
-    return w, DoraParams(a, b, m, spec)
+    return DoraParams(a, b, m, spec)
 
   def factored(w, p: DoraParams):
     n = jax.lax.stop_gradient(column_norm(w, p.a, p.b, p.spec))
@@ -121,6 +127,6 @@ def dora() -> Variant:
         + math.prod(spec.out_shape))
 
   return Variant('dora', init, delta, factored, num_params, unmerge=unmerge,
-                 merge_cache=merge_cache,
+                 merge_cache=merge_cache, from_factors=from_factors,
                  layout=lambda s: {**common.lora_layout(s), 'magnitude': common.axes_out(s)},
                  reference=reference)

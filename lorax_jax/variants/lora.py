@@ -2,8 +2,8 @@
 
 dW = s * A @ B with A (d_in, r) from a Kaiming-uniform (torch `Linear` default, bound
 1/sqrt(d_in)) or Gaussian N(0, 1/r^2) init, and B = 0, so the first forward equals the base.
-The weight-aware inits of `lorax_jax.inits` (PiSSA, MiLoRA, OLoRA, LoftQ) set both and return
-the residual (or quantized) base instead.
+The weight-aware inits of `lorax_jax.inits` (PiSSA, MiLoRA, OLoRA, LoftQ, ...) set both
+(`from_factors`) and return the residual (or quantized) base instead.
 """
 
 from __future__ import annotations
@@ -46,14 +46,11 @@ def lora() -> Variant:
   """
 
   def init(key, w, spec: LeafSpec):
-    if spec.init in common.WEIGHT_AWARE:
-      from lorax_jax import inits  # pylint: disable=g-import-not-at-top
-      if spec.init not in inits.WEIGHT:
-        raise ValueError(f'init {spec.init!r} needs calibration data: pass '
-                         'fn= and batches= to lorax_jax.init.')
-      w, a, b = inits.weight_init(key, w, spec)
-      return w, LoraParams(a, b, spec)
     return w, LoraParams(*common.lora_pair(key, w, spec), spec)
+
+  def from_factors(w, a, b, spec: LeafSpec):
+    del w
+    return LoraParams(a, b, spec)
 
   def factored(w, p: LoraParams):
     del w
@@ -67,4 +64,5 @@ def lora() -> Variant:
         math.prod(spec.in_shape) + math.prod(spec.out_shape))
 
   return Variant('lora', init, delta, factored, num_params,
-                 layout=common.lora_layout, reference=reference)
+                 layout=common.lora_layout, from_factors=from_factors,
+                 reference=reference)
