@@ -5,7 +5,8 @@
 With no flags it runs the default config (a tiny ViT pretrained on digits 0-4, LoRA-adapted to
 5-9) in $TMPDIR/lorax_jax/vit_digits.
 
-`train_and_evaluate(config, workdir)` is the importable logic (notebooks and tests call it):
+`train_and_evaluate(config, workdir)` is the importable logic (notebooks and tests call it),
+`setup` (a new or restored `Run`), `loop` (training and checkpoints) and `report` (results):
   1. the base: pretrained once on the config's pretraining classes and cached under the base
      directory (`config.base.dir`, else $LORAX_JAX_CACHE, else ~/.cache/lorax_jax/bases), keyed by
      everything that determines it, so later runs and sweeps reuse it;
@@ -13,9 +14,12 @@ With no flags it runs the default config (a tiny ViT pretrained on digits 0-4, L
      `adapter.init`: a weight-aware init, calibrated on the first training batches; `quant`: the
      adapted kernels' frozen base quantized after the init, e.g. NF4 for QLoRA / QPiSSA);
   3. optax training (warmup + cosine) of the adapters only, evaluated periodically;
-  4. orbax checkpoints of adapters, optimizer state and step (data order and dropout keys are
-     functions of the step), so a killed run resumes where its last checkpoint left it and ends
-     with the same numbers; a NaN/inf loss stops the run with an error naming the step;
+  4. orbax checkpoints of adapters, optimizer state, step and rng that describe themselves (the
+     spec, the initial adapters, the base leaves the init replaced, shapes; the schema is in
+     `lorax_jax.checkpoints`); data order and dropout keys are functions of the step, so a
+     killed run resumes where its last checkpoint left it, from the checkpoint alone (only the
+     frozen base is obtained again), and ends with the same numbers; a NaN/inf loss stops the
+     run with an error naming the step;
   5. metrics as JSON lines and TensorBoard events in the workdir, `results.json` at the end (the
      `base_*` metrics are the model at step 0: the base, or the residual base with its initial
      adapters, which equals it; with `quant`, the quantized model).
@@ -497,6 +501,16 @@ def setup(config, workdir: str, ckpts: ckpt_lib.Checkpoints,
   # weight-aware init, which equals it; a quantized base as quantized).
   run.start_metrics = run.evaluate(params, sharding_lib.place(
       initial, sharding_lib.adapter_shardings(initial, base_sh)))
+  run.state, run.state_sh, run.start = _start_state(run, ckpts, params)
+  run.writer = metrics_lib.MetricWriter(workdir, enabled=jax.process_index() == 0,
+                                        resume_step=run.start)
+  return run
+
+
+def _start_state(run: Run, ckpts: ckpt_lib.Checkpoints, params):
+  """`(state, state_sh, start)`: the checkpoint's state, restored into targets built from its
+  stored adapter shapes, or a new one at step 0 from the initial adapters."""
+  tx, dyn = run.tx, run.dyn
 
   def like(adapters, _):
     """Restore targets from the stored adapter shapes (resized ones included)."""
@@ -510,29 +524,23 @@ def setup(config, workdir: str, ckpts: ckpt_lib.Checkpoints,
                                                  sh.stats)
     return targets
 
-  restored = ckpts.restore_run(like, sharding=replicated,
+  restored = ckpts.restore_run(like, sharding=run.replicated,
                                items=('train', 'adapters', 'opt_state', 'stats', 'params'))
   if restored is None:
-    state_sh = run.shardings_of(initial, params)
+    state_sh = run.shardings_of(run.initial, params)
     # From host values: the step donates its state, and `initial` is kept.
-    adapters = sharding_lib.place(jax.device_get(initial), state_sh.adapters)
+    adapters = sharding_lib.place(jax.device_get(run.initial), state_sh.adapters)
     opt_state = jax.jit(tx.init, out_shardings=state_sh.opt_state)(adapters)
     stats = (jax.jit(dyn.init, out_shardings=state_sh.stats)(params, adapters)
              if dyn is not None else ())
-    state = lj.dynamics.TrainState(sharding_lib.place(np.int32(0), replicated), params,
-                                   adapters, opt_state, stats)
-  else:
-    run.start, got, _ = restored
-    logging.info('Resuming from step %d.', run.start)
-    state_sh = run.shardings_of(got.adapters, params)
-    state = lj.dynamics.TrainState(
-        sharding_lib.place(np.int32(run.start), replicated),
-        got.params if got.params is not None else params, got.adapters, got.opt_state,
-        got.stats)
-  run.state, run.state_sh = state, state_sh
-  run.writer = metrics_lib.MetricWriter(workdir, enabled=jax.process_index() == 0,
-                                        resume_step=run.start)
-  return run
+    step = sharding_lib.place(np.int32(0), run.replicated)
+    return lj.dynamics.TrainState(step, params, adapters, opt_state, stats), state_sh, 0
+  start, got, _ = restored
+  logging.info('Resuming from step %d.', start)
+  state = lj.dynamics.TrainState(
+      sharding_lib.place(np.int32(start), run.replicated),
+      got.params if got.params is not None else params, got.adapters, got.opt_state, got.stats)
+  return state, run.shardings_of(got.adapters, params), start
 
 
 class Trained(NamedTuple):
