@@ -6,6 +6,7 @@ strings, booleans and None are written as they are (floats with `repr` precision
 infinities as JSON's `NaN` / `Infinity`). Decoding gives back equal values of the same types,
 so a decoded `LeafSpec` equals (and hashes as) the one written.
 
+>>> import json
 >>> s = LeafSpec('lora', rank=4, alpha=8.0, shape=(16, 32), in_axes=(0,), out_axes=(1,))
 >>> leaf_from_json(json.loads(json.dumps(leaf_to_json(s)))) == s
 True
@@ -14,7 +15,6 @@ True
 from __future__ import annotations
 
 import dataclasses
-import json  # noqa: F401  (the doctest)
 from typing import Any
 
 from lorax_jax import paths
