@@ -5,8 +5,9 @@
 
 `--config` and `--workdir` are those of `experiments.train`, with the same defaults: with no
 flags it exports the README's main job. Orbax checkpoints stay the native format; this reads the
-run's latest checkpoint (the config must be the run's: the checkpoint's digest is checked) and
-writes under `--out` (default WORKDIR/export):
+run's latest checkpoint, which describes itself (spec, initial adapters, shapes: nothing of the
+setup is replayed but obtaining the frozen base; the config must be the run's: the checkpoint's
+digest is checked) and writes under `--out` (default WORKDIR/export):
 
   peft/     adapter_config.json + adapter_model.safetensors, for
             `peft.PeftModel.from_pretrained(hf_model, out/peft)` (and `lorax_jax.load_peft`)
@@ -76,38 +77,34 @@ def restore(config, workdir: str):
   returned adapters apply to (the original base for adapters converted from a residual init,
   else the trained-on base, e.g. an NF4-quantized one).
 
+  Everything but the frozen base comes from the checkpoint itself (`lorax_jax.checkpoints`):
+  the spec, the initial adapters, the base changes of the init and the adapters' shapes;
+  selection, inits and calibration are not re-run.
+
   Raises:
     ValueError: if `workdir` has no checkpoint, or one of another config or base.
   """
   task = tasks.make_task(config)
   base, base_path, _ = train.obtain_base(config, task)
-  spec, params, initial = train.adapt(config, task, base)
   dyn = train.make_dynamics(config)
-  tx = train.make_optimizer(config, train.make_schedule(config, dyn))
-  ckpts = ckpt_lib.Checkpoints(os.path.join(workdir, 'checkpoints'))
-  try:
+  changes_base = dyn is not None and dyn.changes_base
+  with ckpt_lib.Checkpoints(os.path.join(workdir, 'checkpoints')) as ckpts:
     meta = ckpts.latest_metadata()
-    want = train.checkpoint_metadata(config, base_path)
     if meta is None:
       raise ValueError(f'No checkpoint in {ckpts.directory}: train first '
                        '(python -m experiments.train --config ... --workdir ...).')
-    if meta.get('config') != want['config'] or meta.get('base') != want['base']:
-      raise ValueError(f'The checkpoint in {ckpts.directory} was written by another config or '
-                       f'base ({meta}); expected {want}. Pass the run\'s --config.')
-    # Adapters a dynamics resized (SoRA), statistics, and a base it changed (ReLoRA, COLA,
-    # Delta-LoRA) are part of the checkpoint.
-    initial = train.resize_to(initial, meta.get('ranks') or {})
-    changes_base = dyn is not None and dyn.changes_base
-    target = train.initial_state(config, initial, tx.init(initial),
-                                 dyn.init(params, initial) if dyn is not None else (),
-                                 params if changes_base else None)
-    step, state, _ = ckpts.restore_latest(target)
-  finally:
-    ckpts.close()
+    train.check_metadata(meta, train.checkpoint_metadata(config, base_path), ckpts.directory,
+                         "Pass the run's --config.")
+    spec, params, initial, _ = train.restore_setup(config, base, ckpts)
+    # Adapters a dynamics resized (SoRA) restore into their stored shapes; a base it changed
+    # (ReLoRA, COLA, Delta-LoRA) is part of the checkpoint.
+    step, run, _ = ckpts.restore_run(
+        lambda adapters, meta: {'params': ckpt_lib.abstract(params)},
+        items=('adapters', 'params') if changes_base else ('adapters',))
   if changes_base:
-    base = params = state['params']
+    base = params = run.params
   residual = any(lj.inits.get(s.init).residual for s in lj.spec.spec_leaves(spec).values())
-  adapters = lj.to_lora(state['adapters'], initial)
+  adapters = lj.to_lora(run.adapters, initial)
   spec = jax.tree_util.tree_map(lambda a: a.spec, adapters, is_leaf=lj.adapters.is_adapter)
   # Converted adapters belong to the original base; the others to the trained-on (e.g. NF4) one.
   return task, base, base if residual else params, spec, adapters, step

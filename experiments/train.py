@@ -5,7 +5,8 @@
 With no flags it runs the default config (a tiny ViT pretrained on digits 0-4, LoRA-adapted to
 5-9) in $TMPDIR/lorax_jax/vit_digits.
 
-`train_and_evaluate(config, workdir)` is the importable logic (notebooks and tests call it):
+`train_and_evaluate(config, workdir)` is the importable logic (notebooks and tests call it),
+`setup` (a new or restored `Run`), `loop` (training and checkpoints) and `report` (results):
   1. the base: pretrained once on the config's pretraining classes and cached under the base
      directory (`config.base.dir`, else $LORAX_JAX_CACHE, else ~/.cache/lorax_jax/bases), keyed by
      everything that determines it, so later runs and sweeps reuse it;
@@ -13,9 +14,12 @@ With no flags it runs the default config (a tiny ViT pretrained on digits 0-4, L
      `adapter.init`: a weight-aware init, calibrated on the first training batches; `quant`: the
      adapted kernels' frozen base quantized after the init, e.g. NF4 for QLoRA / QPiSSA);
   3. optax training (warmup + cosine) of the adapters only, evaluated periodically;
-  4. orbax checkpoints of adapters, optimizer state and step (data order and dropout keys are
-     functions of the step), so a killed run resumes where its last checkpoint left it and ends
-     with the same numbers; a NaN/inf loss stops the run with an error naming the step;
+  4. orbax checkpoints of adapters, optimizer state, step and rng that describe themselves (the
+     spec, the initial adapters, the base leaves the init replaced, shapes; the schema is in
+     `lorax_jax.checkpoints`); data order and dropout keys are functions of the step, so a
+     killed run resumes where its last checkpoint left it, from the checkpoint alone (only the
+     frozen base is obtained again), and ends with the same numbers; a NaN/inf loss stops the
+     run with an error naming the step;
   5. metrics as JSON lines and TensorBoard events in the workdir, `results.json` at the end (the
      `base_*` metrics are the model at step 0: the base, or the residual base with its initial
      adapters, which equals it; with `quant`, the quantized model).
@@ -30,12 +34,13 @@ every global batch, all write the checkpoint together, and process 0 prints and 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import tempfile
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 from absl import app
 from absl import flags
@@ -51,6 +56,7 @@ import lorax_jax as lj
 from lorax_jax import checkpoints as ckpt_lib
 from lorax_jax import metrics as metrics_lib
 from lorax_jax import sharding as sharding_lib
+from lorax_jax import spec_json
 
 from experiments import tasks
 
@@ -212,9 +218,9 @@ def _quant_setting(config) -> dict[str, Any] | None:
   return {'type': q.type, 'block_size': q.block_size, 'double_quant': q.double_quant}
 
 
-def adapt(config, task: tasks.Task, params):
-  """The spec and initial adapters of `config` on the base `params`: `(spec, params, adapters)`,
-  with `params` changed where a weight-aware init gives a residual and quantized for QLoRA."""
+def _select_and_init(config, task: tasks.Task, params):
+  """Selection, init and calibration: `(spec, params, adapters)`, `params` with the leaves a
+  weight-aware init replaced (the residual, LoftQ's quantized W)."""
   model = task.model
   spec = lj.make_spec(params, _rules(config), fn=model.apply, args=task.example)
 
@@ -226,11 +232,55 @@ def adapt(config, task: tasks.Task, params):
       jax.random.fold_in(jax.random.key(config.seed), 1), params, spec, fn=calibration_loss,
       batches=(task.train_batch(i) for i in range(10**9)),
       num_batches=config.adapter.get('calibration_batches', 8) if config.get('adapter') else 8)
+  return spec, params, adapters
+
+
+def _quantize_base(config, params, spec):
+  """QLoRA: the adapted kernels' base (a residual after PiSSA-like inits: QPiSSA) quantized."""
   quant = _quant_setting(config)
   if quant and config.method == 'lora' and config.adapter.get('init') != 'loftq':
-    # QLoRA: the adapted kernels' base (a residual after PiSSA-like inits: QPiSSA) quantized.
     params = lj.quantize(params, spec, **quant)
-  return spec, params, adapters
+  return params
+
+
+def adapt(config, task: tasks.Task, params):
+  """The spec and initial adapters of `config` on the base `params`: `(spec, params, adapters)`,
+  with `params` changed where a weight-aware init gives a residual and quantized for QLoRA."""
+  spec, params, adapters = _select_and_init(config, task, params)
+  return spec, _quantize_base(config, params, spec), adapters
+
+
+def base_changes(base, params) -> dict[str, Any]:
+  """The leaves of `params` that are not those of `base` (what an init replaced), nested."""
+  flat = dict((p, x) for p, _, x in lj.paths.leaves_with_paths(base))
+  return lj.paths.nest({keys: x for p, keys, x in lj.paths.leaves_with_paths(params)
+                        if x is not flat[p]})
+
+
+def rebuild_base(config, base, spec, changes):
+  """The base a run trains on, from the obtained `base` and the checkpoint's spec and base
+  changes: the init's replaced leaves put back, then quantized as `adapt` does."""
+  flat = lj.paths.flat(changes, is_leaf=lj.quant.is_quantized) if changes else {}
+  params = jax.tree_util.tree_map_with_path(
+      lambda kp, x: flat.get(lj.paths.path_str(kp), x), base, is_leaf=lj.quant.is_quantized)
+  return _quantize_base(config, params, spec)
+
+
+def restore_setup(config, base, ckpts: ckpt_lib.Checkpoints, sharding=None):
+  """`(spec, params, initial, changes)` of a run from its checkpoint: the spec (a tree over
+  `base`), the base it trains on, the initial adapters and the init's base changes, without
+  re-running selection, inits or calibration.
+
+  Raises:
+    ValueError: if no checkpoint of the run restores.
+  """
+  restored = ckpts.restore_run(sharding=sharding, items=('initial', 'base_changes'))
+  if restored is None:
+    raise ValueError(f'No checkpoint in {ckpts.directory}: train first '
+                     '(python -m experiments.train --config ... --workdir ...).')
+  _, run, _ = restored
+  spec = spec_json.spec_tree(base, run.spec)
+  return spec, rebuild_base(config, base, spec, run.base_changes), run.initial, run.base_changes
 
 
 def _base_schedule(config) -> optax.Schedule:
@@ -275,37 +325,27 @@ def make_optimizer(config, schedule: optax.Schedule | None = None
                       weight_decay=t.weight_decay)
 
 
-def initial_state(config, adapters, opt_state, stats=(), params=None) -> dict[str, Any]:
-  """The checkpointed training state at step 0: adapters, optimizer state, step and rng, plus
-  the dynamics' statistics (when it keeps some) and the base (when it changes it)."""
-  state = {'adapters': adapters, 'opt_state': opt_state, 'step': jnp.int32(0),
-           'rng': jax.random.key_data(jax.random.key(config.seed))}
-  if jax.tree_util.tree_leaves(stats):
-    state['stats'] = stats
-  if params is not None:
-    state['params'] = params
-  return state
-
-
 def checkpoint_metadata(config, base_path: str) -> dict[str, Any]:
   """What a checkpoint records to refuse restoring into another config or base."""
   return dict(config=_digest(_math_config(config)), base=os.path.basename(base_path),
               method=config.method)
 
 
+def check_metadata(meta: dict[str, Any] | None, want: dict[str, Any], directory: str,
+                   hint: str = 'Use a new workdir.') -> None:
+  """Refuses a checkpoint (metadata `meta`, None: none) of another config or base."""
+  if meta is not None and (meta.get('config') != want['config'] or
+                           meta.get('base') != want['base']):
+    raise ValueError(f'The checkpoint in {directory} was written by another config or base '
+                     f'({ {k: meta.get(k) for k in want} }); expected {want}. {hint}')
+
+
 def resized_ranks(adapters, spec) -> dict[str, int]:
   """`{path: rank}` of the adapters a dynamics really resized (SoRA's pruning); checkpoint
-  metadata, so that a resumed run rebuilds the shapes before restoring."""
+  metadata (the stored adapter description already has the resized shapes)."""
   specs = lj.spec.spec_leaves(spec)
   return {p: a.spec.rank for p, a in lj.paths.flat(adapters, lj.adapters.is_adapter).items()
           if not isinstance(a, lj.FullParams) and a.spec.rank != specs[p].rank}
-
-
-def resize_to(adapters, ranks: dict[str, int]):
-  """The initial adapters cut to the checkpoint's `ranks` (shapes for restoring into)."""
-  if not ranks:
-    return adapters
-  return lj.dynamics.resize(adapters, {p: np.arange(r) for p, r in ranks.items()})
 
 
 def _update_rank(initial, params, adapters) -> float | None:
@@ -318,110 +358,209 @@ def _update_rank(initial, params, adapters) -> float | None:
   return float(np.mean(flat)) if flat else None
 
 
-def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
-  """Runs (or resumes) the experiment described by `config` in `workdir`; returns its results.
+
+@dataclasses.dataclass
+class Run:
+  """A run's setup (`setup`): the model, its placement, the step's pieces, the restored state.
+
+  `state` is the `TrainState` the loop starts from (at step `start`); `initial` the initial
+  adapters and `changes` the base leaves the init replaced, both as the checkpoint keeps them.
+  """
+  config: Any
+  task: tasks.Task
+  dyn: lj.dynamics.Dynamics | None
+  spec: Any
+  initial: Any
+  changes: Any
+  mesh: Any
+  base_sh: Any
+  replicated: Any
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+  apply: Any
+  metric: Any
+  eval_sets: dict[str, Any]
+  metadata: dict[str, Any]
+  rng: Any
+  start: int
+  state: lj.TrainState
+  state_sh: sharding_lib.TrainShardings
+  writer: metrics_lib.MetricWriter
+  start_metrics: dict[str, float]
+  initial_base: Any
+  n_trainable: int
+  n_total: int
+  pretrained_now: bool
+  t_start: float
+
+  @property
+  def first(self) -> str:
+    return next(iter(self.eval_sets))
+
+  @property
+  def changes_base(self) -> bool:
+    return self.dyn is not None and self.dyn.changes_base
+
+  def evaluate(self, p, a) -> dict[str, float]:
+    return {k: _host(self.metric(p, a, *v)) for k, v in self.eval_sets.items()}
+
+  def shardings_of(self, adapters, params) -> sharding_lib.TrainShardings:
+    """The step's shardings: adapters, optimizer state and statistics derived from the base's."""
+    return lj.training.state_shardings(self.tx, params, adapters, self.base_sh,
+                                       self.task.train_batch(0), self.mesh, self.dyn)
+
+  def build_step(self, state_sh):
+    task, apply = self.task, self.apply
+
+    def loss_fn(joined, batch, rng):
+      inputs, targets = batch
+      return task.loss(apply(joined, *inputs, lora_rng=rng), targets)
+
+    return lj.make_train_step(loss_fn, self.tx, self.dyn, shardings=state_sh)
+
+  def run_state(self, state: lj.TrainState) -> ckpt_lib.RunState:
+    """What the checkpoint of `state` holds (`lorax_jax.checkpoints` has the schema)."""
+    return ckpt_lib.RunState(
+        step=state.step, rng=self.rng, adapters=state.adapters, opt_state=state.opt_state,
+        initial=self.initial, spec=lj.spec.spec_leaves(self.spec),
+        ranks=resized_ranks(state.adapters, self.spec), stats=state.stats,
+        params=state.params if self.changes_base else None, base_changes=self.changes)
+
+
+def setup(config, workdir: str, ckpts: ckpt_lib.Checkpoints,
+          dyn: lj.dynamics.Dynamics | None = None) -> Run:
+  """The run of `config` in `workdir`, ready to train: a new one (selection, inits and
+  calibration), or the one `ckpts` holds, restored from the checkpoint alone (its spec, initial
+  adapters, base changes and stored shapes; only the frozen base is obtained again).
 
   Raises:
-    ValueError: for a bad config, a checkpoint that does not fit the model, or a loss that
-      becomes NaN or infinite (the message names the step; the last good checkpoint is kept).
+    ValueError: for a bad config, or a checkpoint of another config or base, or one that does
+      not fit the model.
   """
-  dyn = _check(config)
+  dyn = dyn if dyn is not None else _check(config)
   task = tasks.make_task(config)
   model = task.model
   t_start = time.time()
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, 'config.json'), 'w') as f:
     f.write(config.to_json_best_effort(indent=2))
-  params, base_path, pretrained_now = obtain_base(config, task)
-
-  spec, params, adapters = adapt(config, task, params)
+  base, base_path, pretrained_now = obtain_base(config, task)
+  metadata = checkpoint_metadata(config, base_path)
+  meta = ckpts.latest_metadata()
+  check_metadata(meta, metadata, ckpts.directory)
+  mesh = sharding_lib.make_mesh(config.get('mesh') or {})
+  replicated = sharding_lib.replicated(mesh)
+  if meta is None:
+    spec, params, initial = _select_and_init(config, task, base)
+    changes = base_changes(base, params)
+    params = _quantize_base(config, params, spec)
+    # Kept in every checkpoint (replicated: every process holds the same values).
+    initial, changes = (sharding_lib.place(t, jax.tree_util.tree_map(lambda _: replicated, t))
+                        for t in (initial, changes))
+  else:
+    spec, params, initial, changes = restore_setup(config, base, ckpts, replicated)
   if dyn is not None:
     dyn.check(spec, params)
-  n_trainable = lj.count_params(adapters)
+  n_trainable = lj.count_params(initial)
   n_total = sum(int(np.prod(np.shape(l))) for _, _, l in lj.paths.leaves_with_paths(params))
   changes_base = dyn is not None and dyn.changes_base
   # The base before training, for the rank of the whole update of methods that change it.
   initial_base = jax.device_get(params) if changes_base else None
 
   # Placement: the frozen base by the config's rules, adapters and optimizer state derived.
-  mesh = sharding_lib.make_mesh(config.get('mesh') or {})
   base_sh = sharding_lib.param_shardings(params, mesh, _sharding_rules(config))
   params = sharding_lib.place(params, base_sh)
-  replicated = sharding_lib.replicated(mesh)
 
   apply = lj.lora(model.apply)
-  t = config.train
   schedule = make_schedule(config, dyn)
   tx = make_optimizer(config, schedule)
-
-  def loss_fn(joined, batch, rng):
-    inputs, targets = batch
-    return task.loss(apply(joined, *inputs, lora_rng=rng), targets)
-
-  def shardings_of(adapters):
-    """The step's shardings: adapters, optimizer state and statistics derived from the base's."""
-    return lj.training.state_shardings(tx, params, adapters, base_sh, task.train_batch(0), mesh,
-                                       dyn)
-
-  def build_step(state_sh):
-    return lj.make_train_step(loss_fn, tx, dyn, shardings=state_sh)
-
-  all_finite = jax.jit(lambda tree: jnp.all(jnp.stack(
-      [jnp.all(jnp.isfinite(l)) for l in jax.tree_util.tree_leaves(tree)])),
-                       out_shardings=replicated)
   metric = jax.jit(lambda p, a, inputs, targets: task.metric(
       apply(lj.join(p, a), *inputs), targets), out_shardings=replicated)
   eval_sets = {k: sharding_lib.place(v, jax.tree_util.tree_map(lambda _: replicated, v))
                for k, v in task.eval_sets.items()}
-  first = next(iter(eval_sets))
-
-  def evaluate(p, a):
-    return {k: _host(metric(p, a, *v)) for k, v in eval_sets.items()}
-
-  key = jax.random.key(config.seed)
-  metadata = checkpoint_metadata(config, base_path)
-  ckpts = ckpt_lib.Checkpoints(os.path.join(workdir, 'checkpoints'), t.checkpoint_every,
-                               t.max_to_keep)
-  start = 0
-  meta = ckpts.latest_metadata()
-  if meta is not None and (meta.get('config') != metadata['config'] or
-                           meta.get('base') != metadata['base']):
-    ckpts.close()
-    raise ValueError(f'The checkpoint in {ckpts.directory} was written by another config or '
-                     f'base ({meta}); expected {metadata}. Use a new workdir.')
+  rng = sharding_lib.place(jax.random.key_data(jax.random.key(config.seed)), replicated)
+  run = Run(config=config, task=task, dyn=dyn, spec=spec, initial=initial, changes=changes,
+            mesh=mesh, base_sh=base_sh, replicated=replicated, tx=tx, schedule=schedule,
+            apply=apply, metric=metric, eval_sets=eval_sets,
+            metadata=metadata, rng=rng, start=0, state=None, state_sh=None, writer=None,
+            start_metrics={}, initial_base=initial_base, n_trainable=n_trainable,
+            n_total=n_total, pretrained_now=pretrained_now, t_start=t_start)
   # The model at step 0 (the base, or the residual base plus the initial adapters of a
   # weight-aware init, which equals it; a quantized base as quantized).
-  start_metrics = evaluate(params, sharding_lib.place(
-      adapters, sharding_lib.adapter_shardings(adapters, base_sh)))
-  # A run whose adapters were really resized (SoRA) restores into the resized shapes.
-  adapters = resize_to(adapters, (meta or {}).get('ranks') or {})
-  state_sh = shardings_of(adapters)
-  adapters = sharding_lib.place(adapters, state_sh.adapters)
-  opt_state = jax.jit(tx.init, out_shardings=state_sh.opt_state)(adapters)
-  stats = (jax.jit(dyn.init, out_shardings=state_sh.stats)(params, adapters)
-           if dyn is not None else ())
-  ckpt_state = initial_state(config, adapters, opt_state, stats,
-                             params if changes_base else None)
-  ckpt_state = {**ckpt_state, **sharding_lib.place(
-      {'step': ckpt_state['step'], 'rng': ckpt_state['rng']},
-      {'step': replicated, 'rng': replicated})}
-  restored = ckpts.restore_latest(ckpt_state)
-  if restored is not None:
-    start, ckpt_state, _ = restored
-    logging.info('Resuming from step %d.', start)
+  run.start_metrics = run.evaluate(params, sharding_lib.place(
+      initial, sharding_lib.adapter_shardings(initial, base_sh)))
+  run.state, run.state_sh, run.start = _start_state(run, ckpts, params)
+  run.writer = metrics_lib.MetricWriter(workdir, enabled=jax.process_index() == 0,
+                                        resume_step=run.start)
+  return run
 
-  writer = metrics_lib.MetricWriter(workdir, enabled=jax.process_index() == 0,
-                                    resume_step=start)
-  progress = metrics_lib.Progress(t.steps, start, enabled=jax.process_index() == 0)
+
+def _start_state(run: Run, ckpts: ckpt_lib.Checkpoints, params):
+  """`(state, state_sh, start)`: the checkpoint's state, restored into targets built from its
+  stored adapter shapes, or a new one at step 0 from the initial adapters."""
+  tx, dyn = run.tx, run.dyn
+
+  def like(adapters, _):
+    """Restore targets from the stored adapter shapes (resized ones included)."""
+    sh = run.shardings_of(adapters, params)
+    targets = {'adapters': ckpt_lib.with_shardings(adapters, sh.adapters),
+               'opt_state': ckpt_lib.with_shardings(jax.eval_shape(tx.init, adapters),
+                                                    sh.opt_state),
+               'params': ckpt_lib.abstract(params)}
+    if dyn is not None:
+      targets['stats'] = ckpt_lib.with_shardings(jax.eval_shape(dyn.init, params, adapters),
+                                                 sh.stats)
+    return targets
+
+  restored = ckpts.restore_run(like, sharding=run.replicated,
+                               items=('train', 'adapters', 'opt_state', 'stats', 'params'))
+  if restored is None:
+    state_sh = run.shardings_of(run.initial, params)
+    # From host values: the step donates its state, and `initial` is kept.
+    adapters = sharding_lib.place(jax.device_get(run.initial), state_sh.adapters)
+    opt_state = jax.jit(tx.init, out_shardings=state_sh.opt_state)(adapters)
+    stats = (jax.jit(dyn.init, out_shardings=state_sh.stats)(params, adapters)
+             if dyn is not None else ())
+    step = sharding_lib.place(np.int32(0), run.replicated)
+    return lj.TrainState(step, params, adapters, opt_state, stats), state_sh, 0
+  start, got, _ = restored
+  logging.info('Resuming from step %d.', start)
   state = lj.TrainState(
-      sharding_lib.place(np.int32(start), replicated),
-      ckpt_state.get('params', params), ckpt_state['adapters'], ckpt_state['opt_state'],
-      ckpt_state.get('stats', ()))
-  step_fn = build_step(state_sh)
+      sharding_lib.place(np.int32(start), run.replicated),
+      got.params if got.params is not None else params, got.adapters, got.opt_state, got.stats)
+  return state, run.shardings_of(got.adapters, params), start
+
+
+class Trained(NamedTuple):
+  """What `loop` gives `report`: the final state and the loop's own figures."""
+  state: lj.TrainState
+  step_times: list[float]
+  reshaped_at: list[int]
+  step_memory: dict[str, Any]
+
+
+def loop(run: Run, ckpts: ckpt_lib.Checkpoints) -> Trained:
+  """Trains `run` from its start to `config.train.steps`, checkpointing into `ckpts`.
+
+  Raises:
+    ValueError: for a loss or adapters that become NaN or infinite (the message names the step;
+      the last good checkpoint is kept).
+  """
+  t, dyn, tx, schedule = run.config.train, run.dyn, run.tx, run.schedule
+  task, mesh, writer, first = run.task, run.mesh, run.writer, run.first
+  metric, eval_sets = run.metric, run.eval_sets
+  key = jax.random.key(run.config.seed)
+  all_finite = jax.jit(lambda tree: jnp.all(jnp.stack(
+      [jnp.all(jnp.isfinite(l)) for l in jax.tree_util.tree_leaves(tree)])),
+                       out_shardings=run.replicated)
+  progress = metrics_lib.Progress(t.steps, run.start, enabled=jax.process_index() == 0)
+  state, state_sh = run.state, run.state_sh
+  step_fn = run.build_step(state_sh)
   step_times = []
   reshaped_at = []
+  step_memory = {}
   compiled = None
-  for step in range(start, t.steps):
+  for step in range(run.start, t.steps):
     t0 = time.time()
     batch = sharding_lib.global_batch(sharding_lib.process_rows(task.train_batch(step)), mesh)
     rng = jax.random.fold_in(key, step)
@@ -432,7 +571,6 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     state, loss = compiled(*state, batch, rng)
     loss = _host(loss)
     if not np.isfinite(loss):
-      ckpts.close()
       raise ValueError(f'Loss became {loss} at step {step + 1}; training stopped. The last good '
                        f'checkpoint (step {max(ckpts.steps(), default=0)}) is kept in '
                        f'{ckpts.directory}.')
@@ -441,15 +579,15 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     step_times.append(time.time() - t0)   # the step and the method's schedule
     if reshaped:
       # New shapes (SoRA's pruning): re-derive shardings, place, and recompile the step.
-      state_sh = shardings_of(state.adapters)
+      state_sh = run.shardings_of(state.adapters, state.params)
       state = state._replace(
           adapters=sharding_lib.place(state.adapters, state_sh.adapters),
           opt_state=sharding_lib.place(state.opt_state, state_sh.opt_state),
           stats=sharding_lib.place(state.stats, state_sh.stats))
-      step_fn, compiled = build_step(state_sh), None
+      step_fn, compiled = run.build_step(state_sh), None
       reshaped_at.append(done)
       logging.info('Step %d: %s changed the adapter shapes (%s); the step recompiles.', done,
-                   dyn.name, resized_ranks(state.adapters, spec))
+                   dyn.name, resized_ranks(state.adapters, run.spec))
       writer.write(done, {'recompiled': 1.0,
                           'trainable_params': float(lj.count_params(state.adapters))})
     if done % t.log_every == 0 or done == t.steps:
@@ -460,47 +598,62 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
                                               *eval_sets[first]))})
     if (done % t.checkpoint_every == 0 or done == t.steps) and not _host(
         all_finite(state.adapters)):
-      ckpts.close()
       raise ValueError(f'Adapters became NaN or infinite at step {done}; training stopped. The '
                        f'last good checkpoint (step {max(ckpts.steps(), default=0)}) is kept in '
                        f'{ckpts.directory}.')
-    ckpts.save(done, initial_state(config, state.adapters, state.opt_state, state.stats,
-                                   state.params if changes_base else None) | {
-                                       'step': state.step, 'rng': ckpt_state['rng']},
-               {**metadata, 'ranks': resized_ranks(state.adapters, spec)},
-               force=done == t.steps)
-  ckpts.close()
+    ckpts.save_run(done, run.run_state(state), run.metadata, force=done == t.steps)
   progress.close()
+  return Trained(state, step_times, reshaped_at, step_memory)
 
+
+def report(run: Run, trained: Trained, workdir: str) -> dict[str, Any]:
+  """The results of a trained run (also written to WORKDIR/results.json by process 0)."""
+  config, dyn, first = run.config, run.dyn, run.first
+  state, step_times = trained.state, trained.step_times
   params, adapters = state.params, state.adapters
   extra = {}
   if dyn is not None:
     extra['dynamics'] = dyn.name
     extra.update(dyn.report(state))
     extra['trainable_params_final'] = lj.count_params(adapters)
-    extra['reshaped_at'] = reshaped_at
+    extra['reshaped_at'] = trained.reshaped_at
     for view, by_label in dyn.views(adapters).items():   # DyLoRA: the metric at every rank
-      extra[f'{first}_{view}'] = {label: _host(metric(params, a, *eval_sets[first]))
+      extra[f'{first}_{view}'] = {label: _host(run.metric(params, a, *run.eval_sets[first]))
                                   for label, a in by_label.items()}
   if config.method == 'lora':
     extra['effective_rank'] = _update_rank(
-        initial_base if changes_base else params, params, adapters)
+        run.initial_base if run.changes_base else params, params, adapters)
   results = dict(
       task=config.task, method=config.method, model=config.model.name, metric=first,
-      **{f'base_{k}': v for k, v in start_metrics.items()},
-      **evaluate(params, adapters),
-      trainable_params=n_trainable, total_params=n_total,
-      trainable_fraction=n_trainable / n_total, steps=t.steps, resumed_from=start,
-      base_pretrained_now=pretrained_now,
+      **{f'base_{k}': v for k, v in run.start_metrics.items()},
+      **run.evaluate(params, adapters),
+      trainable_params=run.n_trainable, total_params=run.n_total,
+      trainable_fraction=run.n_trainable / run.n_total, steps=config.train.steps,
+      resumed_from=run.start, base_pretrained_now=run.pretrained_now,
       step_seconds=float(np.median(step_times)) if step_times else None,
-      **(step_memory if step_times else {}), **extra,
-      seconds=time.time() - t_start)
-  writer.write(t.steps, {f'final_{first}': results[first]})
-  writer.close()
+      **(trained.step_memory if step_times else {}), **extra,
+      seconds=time.time() - run.t_start)
+  run.writer.write(config.train.steps, {f'final_{first}': results[first]})
+  run.writer.close()
   if jax.process_index() == 0:
     with open(os.path.join(workdir, 'results.json'), 'w') as f:
       json.dump(results, f, indent=2)
   return results
+
+
+def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
+  """Runs (or resumes) the experiment described by `config` in `workdir`; returns its results.
+
+  Raises:
+    ValueError: for a bad config, a checkpoint that does not fit the model, or a loss that
+      becomes NaN or infinite (the message names the step; the last good checkpoint is kept).
+  """
+  dyn = _check(config)
+  with ckpt_lib.Checkpoints(os.path.join(workdir, 'checkpoints'), config.train.checkpoint_every,
+                            config.train.max_to_keep) as ckpts:
+    run = setup(config, workdir, ckpts, dyn)
+    trained = loop(run, ckpts)
+  return report(run, trained, workdir)
 
 
 def summary(results: dict[str, Any]) -> str:

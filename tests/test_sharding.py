@@ -230,9 +230,9 @@ def _losses(workdir):
 
 
 def _final_adapters(workdir, step):
-  path = os.path.join(workdir, 'checkpoints', str(step), 'state')
+  path = os.path.join(workdir, 'checkpoints', str(step), 'adapters')   # lorax_jax.checkpoints
   restored = ocp.StandardCheckpointer().restore(path)
-  return [np.asarray(x) for x in jax.tree_util.tree_leaves(restored['adapters'])]
+  return [np.asarray(x) for x in jax.tree_util.tree_leaves(restored)]
 
 
 @pytest.mark.slow

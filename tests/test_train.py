@@ -1,5 +1,6 @@
-"""The training loop: smoke runs per model and method, base caching, resume after SIGKILL,
-checkpoint fallback, NaN stops, config errors, metrics files."""
+"""The training loop: smoke runs per model and method, base caching, resume after SIGKILL (from
+the checkpoint alone: no selection, init or calibration replayed), self-describing run
+checkpoints, spec JSON, checkpoint fallback, NaN stops, config errors, metrics files."""
 
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ import subprocess
 import sys
 import time
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from configs import common
@@ -21,8 +24,10 @@ from configs import decoder_lm
 from configs import minilm_docstrings
 from configs import vit_digits
 from experiments import train
+import lorax_jax as lj
 from lorax_jax import checkpoints as ckpt_lib
 from lorax_jax import metrics as metrics_lib
+from lorax_jax import spec_json
 from tests import helpers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -121,16 +126,27 @@ def test_base_is_cached_and_reused(tmp_path):
   assert len(glob.glob(str(tmp_path / 'bases' / '*.msgpack'))) == 1
 
 
+def _forbid_setup(monkeypatch):
+  """Makes selection, inits and calibration fail: a resume must not need them."""
+  def fail(*args, **kwargs):
+    raise AssertionError('a resumed run re-ran selection, inits or calibration')
+  monkeypatch.setattr(train, '_select_and_init', fail)
+  monkeypatch.setattr(lj, 'make_spec', fail)
+  monkeypatch.setattr(lj, 'init', fail)
+  monkeypatch.setattr(lj.calibration, 'run', fail)
+
+
 # The variants whose state has more than LoRA's kind of arrays: a magnitude, frozen arrays,
 # shared arrays held by one leaf (None elsewhere), a Kronecker factor.
 @pytest.mark.slow
 @pytest.mark.parametrize('variant', ['dora', 'lora_fa', 'tied_lora', 'lokr'])
-def test_variants_train_checkpoint_and_resume(tmp_path, variant):
+def test_variants_train_checkpoint_and_resume(tmp_path, variant, monkeypatch):
   c = _config(tmp_path, f'quick,variant={variant},rank=4')
   if variant == 'lokr':
     c.adapter.options.factor = 4
   r1 = train.train_and_evaluate(c, str(tmp_path / 'a'))
   assert r1['steps'] == 3 and 0 < r1['trainable_fraction'] < 0.5
+  _forbid_setup(monkeypatch)
   r2 = train.train_and_evaluate(c, str(tmp_path / 'a'))   # restores frozen and shared arrays
   assert r2['resumed_from'] == 3 and r2['accuracy'] == r1['accuracy']
 
@@ -140,13 +156,15 @@ def test_variants_train_checkpoint_and_resume(tmp_path, variant):
 @pytest.mark.slow
 @pytest.mark.parametrize('arg', ['init=pissa_niter_4,quant=nf4', 'init=loftq',
                                  'init=eva,quant=int8'])
-def test_inits_and_quantized_bases_train_and_resume(tmp_path, arg):
+def test_inits_and_quantized_bases_train_and_resume(tmp_path, arg, monkeypatch):
   c = _config(tmp_path, f'quick,rank=4,{arg}')
   c.adapter.calibration_batches = 2
   r1 = train.train_and_evaluate(c, str(tmp_path / 'a'))
   assert r1['steps'] == 3 and 0 < r1['trainable_fraction'] < 0.5
+  _forbid_setup(monkeypatch)   # the residual, LoftQ's base, EVA's ranks: from the checkpoint
   r2 = train.train_and_evaluate(c, str(tmp_path / 'a'))
   assert r2['resumed_from'] == 3 and r2['accuracy'] == r1['accuracy']
+  assert r2['base_accuracy'] == r1['base_accuracy']
 
 
 @pytest.mark.slow
@@ -261,3 +279,121 @@ def test_sigkill_and_rerun_gives_the_same_final_metrics(tmp_path):
   last = lambda d: [json.loads(l) for l in open(os.path.join(d, 'metrics.jsonl'))
                     if '"loss"' in l][-1]
   assert last(dir_)['loss'] == last(ref_dir)['loss']
+
+
+# Every option kind a LeafSpec holds: variant options (LoKr's factor, NOLA's bound basis salt,
+# Tied-LoRA's group), init options (PiSSA's niter), a fully trained leaf, dtypes.
+_SPEC_RULES = [
+    (r'^a/', {'variant': 'lokr', 'rank': 2, 'factor': 4}),
+    (r'^b/', {'variant': 'nola', 'rank': 2}),
+    (r'^c/', {'variant': 'tied_lora', 'rank': 2, 'alpha': 3.5, 'scaling': 'rslora'}),
+    (r'^d/', {'rank': 3, 'init': 'pissa_niter_2', 'dtype': 'bfloat16', 'dropout': 0.25}),
+    (r'^e/', 'full'),
+]
+
+
+def _params():
+  keys = jax.random.split(jax.random.key(0), 6)
+  return {'a': {'kernel': jax.random.normal(keys[0], (8, 16))},
+          'b': {'kernel': jax.random.normal(keys[1], (16, 8))},
+          'c': {'kernel': jax.random.normal(keys[2], (8, 8))},
+          'd': {'kernel': jax.random.normal(keys[3], (8, 12))},
+          'e': {'bias': jax.random.normal(keys[4], (12,))},
+          'f': {'kernel': jax.random.normal(keys[5], (12, 4))}}
+
+
+def test_spec_json_round_trips_every_leaf_spec_exactly():
+  params = _params()
+  spec = lj.make_spec(params, _SPEC_RULES)
+  specs = lj.spec.spec_leaves(spec)
+  back = spec_json.specs_from_json(json.loads(json.dumps(spec_json.specs_to_json(specs))))
+  assert back == specs and list(back) == list(specs)
+  for path, s in specs.items():
+    for f in ('shape', 'in_axes', 'out_axes', 'batch_axes', 'options', 'init_options'):
+      assert type(getattr(back[path], f)) is tuple, (path, f)
+    assert all(type(kv) is tuple for kv in back[path].options + back[path].init_options)
+    assert hash(back[path]) == hash(s)
+  assert spec_json.spec_tree(params, back) == spec
+  with pytest.raises(ValueError, match='no JSON form'):
+    spec_json.encode_value(np.zeros(2))
+  with pytest.raises(ValueError, match='Not a LeafSpec'):
+    spec_json.leaf_from_json({'variant': 'lora', 'rnak': 2})
+  with pytest.raises(ValueError, match='not leaves of the parameters'):
+    spec_json.spec_tree(params, {'z/kernel': specs['a/kernel']})
+
+
+def test_run_checkpoint_restores_from_its_own_description(tmp_path):
+  """The adapters (shared and stripped arrays, Kronecker factors, full leaves) and the initial
+  adapters come back with their pytree structure and LeafSpecs from the checkpoint's
+  description alone; the optimizer state from `like`."""
+  params = _params()
+  spec = lj.make_spec(params, _SPEC_RULES)
+  changed, initial = lj.init(jax.random.key(1), params, spec)
+  adapters = helpers.randomize(initial, jax.random.key(2))
+  tx = optax.adam(1e-3)
+  changes = train.base_changes(params, changed)
+  assert list(lj.paths.flat(changes, lambda x: False)) == ['d/kernel']   # PiSSA's residual
+  state = ckpt_lib.RunState(step=jnp.int32(7), rng=jax.random.key_data(jax.random.key(3)),
+                            adapters=adapters, opt_state=tx.init(adapters), initial=initial,
+                            spec=lj.spec.spec_leaves(spec), ranks={'c/kernel': 2},
+                            base_changes=changes)
+  with ckpt_lib.Checkpoints(str(tmp_path / 'ck'), interval=1) as ck:
+    assert ck.restore_run() is None
+    ck.save_run(7, state, {'tag': 'x'})
+  with ckpt_lib.Checkpoints(str(tmp_path / 'ck')) as ck:
+    meta = ck.latest_metadata()
+  assert meta['schema'] == ckpt_lib.SCHEMA and meta['tag'] == 'x'
+  assert meta['items'] == ['adapters', 'base_changes', 'initial', 'opt_state', 'train']
+  seen = []
+
+  def like(abstract_adapters, meta):
+    seen.append(meta['ranks'])
+    return {'opt_state': jax.eval_shape(tx.init, abstract_adapters)}
+
+  with ckpt_lib.Checkpoints(str(tmp_path / 'ck')) as ck:
+    step, got, meta = ck.restore_run(like)
+    _, only, _ = ck.restore_run(items=('initial',))
+  assert step == 7 and meta['tag'] == 'x' and seen == [{'c/kernel': 2}]
+  for mine, ref in ((got.adapters, adapters), (got.initial, initial), (only.initial, initial),
+                    (got.opt_state, state.opt_state), (got.base_changes, changes)):
+    assert jax.tree_util.tree_structure(mine) == jax.tree_util.tree_structure(ref)
+    helpers.assert_trees_equal(mine, ref)
+    for a, b in zip(jax.tree_util.tree_leaves(mine), jax.tree_util.tree_leaves(ref)):
+      assert a.dtype == b.dtype
+  assert int(got.step) == 7 and got.spec == state.spec and got.ranks == {'c/kernel': 2}
+  np.testing.assert_array_equal(got.rng, state.rng)
+  assert only.adapters is None and only.opt_state is None
+  with ckpt_lib.Checkpoints(str(tmp_path / 'ck')) as ck:
+    with pytest.raises(ValueError, match='no restore target'):
+      ck.restore_run()
+
+
+def test_checkpoints_close_on_every_exit_path(tmp_path):
+  with pytest.raises(RuntimeError, match='boom'):
+    with ckpt_lib.Checkpoints(str(tmp_path / 'ck'), interval=1) as ck:
+      ck.save(1, {'w': jnp.arange(3.0)}, {'tag': 1})
+      raise RuntimeError('boom')
+  with ckpt_lib.Checkpoints(str(tmp_path / 'ck')) as ck:
+    assert ck.steps() == [1]     # the pending save was finished on the way out
+    step, got, meta = ck.restore_latest({'w': jnp.zeros(3)})
+  assert step == 1 and meta == {'tag': 1}
+  np.testing.assert_array_equal(got['w'], np.arange(3.0))
+
+
+def test_description_round_trip_and_errors():
+  q = lj.quantize({'k': jax.random.normal(jax.random.key(0), (64, 64))},
+                  {'k': lj.LeafSpec('lora', rank=2, shape=(64, 64), in_axes=(0,),
+                                    out_axes=(1,))})['k']
+  tree = {'q': q, 'l': [jnp.zeros((2,), jnp.bfloat16), None], 't': (jnp.int32(1),)}
+  built = ckpt_lib.build(json.loads(json.dumps(ckpt_lib.describe(tree))))
+  assert jax.tree_util.tree_structure(built) == jax.tree_util.tree_structure(tree)
+  assert jax.tree.map(lambda x: (x.shape, x.dtype), built) == jax.tree.map(
+      lambda x: (x.shape, x.dtype), tree)
+
+  class Unknown:
+    pass
+
+  with pytest.raises(ValueError, match='Cannot describe a Unknown'):
+    ckpt_lib.describe({'x': Unknown()})
+  with pytest.raises(ValueError, match="node 'Nope' is not registered"):
+    ckpt_lib.build({'node': 'Nope', 'data': {}, 'static': {}})
