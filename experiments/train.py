@@ -200,12 +200,19 @@ def _rules(config):
     return [(r'(^|/)head/', 'full')]
   a = config.adapter
   init_options = a.init_options.to_dict() if a.get('init_options') else {}
-  if a.get('init') == 'loftq' and _quant_setting(config):
-    init_options['quant'] = _quant_setting(config)
+  if _quantizing_init(config) and _quant_setting(config):
+    init_options['quant'] = _quant_setting(config)   # the init quantizes the base (LoftQ)
   return [(r'(^|/)head/', 'full')] + lj.dense_kernels(
       variant=a.variant, rank=a.rank, alpha=a.alpha, scaling=a.scaling, dropout=a.dropout,
       init=a.get('init', 'kaiming'), init_options=init_options,
       **(a.options.to_dict() if a.get('options') else {}))
+
+
+def _quantizing_init(config) -> bool:
+  """Whether the config's init quantizes the base itself (it takes a `quant` option: LoftQ)."""
+  init = config.adapter.get('init', 'kaiming') if config.get('adapter') else 'kaiming'
+  got = lj.inits.resolve(init)   # None for an unknown name: make_spec reports it
+  return got is not None and 'quant' in lj.inits.get(got[0]).options
 
 
 def _quant_setting(config) -> dict[str, Any] | None:
@@ -238,7 +245,7 @@ def _select_and_init(config, task: tasks.Task, params):
 def _quantize_base(config, params, spec):
   """QLoRA: the adapted kernels' base (a residual after PiSSA-like inits: QPiSSA) quantized."""
   quant = _quant_setting(config)
-  if quant and config.method == 'lora' and config.adapter.get('init') != 'loftq':
+  if quant and config.method == 'lora' and not _quantizing_init(config):
     params = lj.quantize(params, spec, **quant)
   return params
 

@@ -523,14 +523,16 @@ def test_train_loop_reports_the_other_methods(tmp_path, name):
 
 
 def test_resizable_variants_follow_from_what_variants_declare():
-  """No list of names: the variants whose ranks are independent terms (slicing their arrays
-  slices their factored A and B) are the resizable ones."""
+  """No list of names: each variant declares `resizable`, and the claim holds: exactly the
+  variants whose ranks are independent terms (slicing their arrays slices their factored A
+  and B) declare it."""
   params = {'w': jax.random.normal(jax.random.key(0), (8, 6))}
   got = {}
   for v in lj.variants.names():
     spec = lj.make_spec(params, [('w', {'variant': v, 'rank': 2 if v == 'lokr' else 4})])
     _, ad = lj.init(jax.random.key(1), params, spec)
     got[v] = D.resizable(ad['w'])
+    assert got[v] == D.surgery.cut_is_exact(ad['w']), v
   assert sorted(v for v, ok in got.items() if ok) == ['adalora', 'lora', 'lora_fa', 'sora'], got
   # A resized LoRA computes exactly its kept ranks (scale kept).
   spec = lj.make_spec(params, [('w', {'rank': 4, 'alpha': 8.0})])

@@ -97,3 +97,32 @@ def test_graph_sees_function_level_imports():
 def test_no_import_cycle():
   cycle = find_cycle(import_graph())
   assert cycle is None, 'import cycle: ' + ' -> '.join(cycle)
+
+
+# DESIGN.md section 7: each module's layer; imports go only to the same layer or below. The
+# reference models, datasets and metrics sit beside the library, between the families (which
+# they may use: a loader quantizes) and the user API.
+LAYERS = {
+    0: ('paths', 'select', 'leafspec', 'joined', 'layout', 'spec_json'),
+    1: ('variants', 'inits', 'quant', 'interpreter', 'dynamics', 'usage', 'calibration'),
+    1.5: ('models', 'data', 'metrics'),
+    2: ('spec', 'adapters', 'training', 'sharding', 'mesh', 'checkpoints'),
+    3: ('interop',),
+}
+
+
+def _layer(module):
+  if module == PKG:
+    return 4   # the flat public facade, above everything
+  top = module.split('.')[1]
+  for layer, names in LAYERS.items():
+    if top in names:
+      return layer
+  raise AssertionError(f'{module} has no layer: add it to LAYERS (and to DESIGN.md section 7)')
+
+
+def test_imports_only_go_down_the_layers():
+  upward = [f'{m} (layer {_layer(m)}) imports {t} (layer {_layer(t)})'
+            for m, targets in sorted(import_graph().items()) for t in sorted(targets)
+            if _layer(t) > _layer(m)]
+  assert not upward, '\n'.join(upward)

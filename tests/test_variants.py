@@ -162,7 +162,8 @@ def test_param_count_and_summary(variant, name):
   assert sorted(states) == sorted(case.expected)
   expected = sum(expected_count(variant, *case.expected[p], states[p].spec) for p in states)
   assert lj.count_params(adapters) == expected
-  spec = lj.make_spec(params, [(case.pattern, {'variant': _name(variant), 'rank': R})],
+  spec = lj.make_spec(params, [(case.pattern, {'variant': _name(variant), 'rank': R,
+                                               **LAW_SETTINGS.get(_name(variant), {})})],
                       fn=case.fn, args=case.args)
   text = lj.summary(params, spec, print_fn=None)
   assert f'trainable {expected:,} of' in text

@@ -83,45 +83,28 @@ def _cut(ad: Any, idx: np.ndarray) -> Any:
   return dataclasses.replace(ad, spec=spec, **fields)
 
 
-_RESIZABLE: dict[str, bool] = {}
-
-
 def resizable(ad: Any) -> bool:
-  """Whether the ranks of `ad`'s variant can be cut: its ranks are independent terms, so that
-  cutting its arrays along their rank axes gives exactly the cut of its factored A and B.
-
-  Decided once per variant from what the variant declares (a layout with at most one rank axis
-  per array, a factored form independent of W, no arrays shared across leaves), checked on a
-  random state of `ad`'s shape; no list of variant names.
-  """
-  name = ad.spec.variant
-  if name in _RESIZABLE:
-    return _RESIZABLE[name]
-  if not _declares_rank_axes(ad):
-    _RESIZABLE[name] = False
-    return False
-  if ad.spec.rank < 2:
-    return True   # only the identity cut exists: nothing to probe yet
-  _RESIZABLE[name] = _probe(ad)
-  return _RESIZABLE[name]
+  """Whether the ranks of `ad`'s variant can be cut: the variant declares it
+  (`Variant.resizable`: its ranks are independent terms, so cutting its arrays along their rank
+  axes gives exactly the cut of its factored A and B; `cut_is_exact` checks that claim)."""
+  return variants.get(ad.spec.variant).resizable
 
 
-def _declares_rank_axes(ad: Any) -> bool:
-  v = variants.get(ad.spec.variant)
-  if v.layout is None or v.factored is None or v.tie is not None or v.unmerge is not None:
-    return False
-  fs = _fields(ad)
-  lay = v.layout(ad.spec)
-  nb = len(ad.spec.batch_shape)
-  return all(sum(a is None for a in lay[f][nb:]) <= 1 for f in fs) and any(
-      rank_axis(ad, f) is not None for f in fs)
-
-
-def _probe(ad: Any) -> bool:
+def cut_is_exact(ad: Any) -> bool:
+  """Checks a variant's `resizable` claim on a random state shaped like `ad` (rank >= 2): its
+  factored form with every other rank cut equals the cut of its full factored form, and its
+  structure allows a cut (a layout with at most one rank axis per array, a factored form
+  independent of W, no arrays shared across leaves)."""
   v = variants.get(ad.spec.variant)
   s = ad.spec
-  fs = _fields(ad)
+  if v.layout is None or v.factored is None or v.tie is not None or v.unmerge is not None:
+    return False
+  lay = v.layout(s)
   nb = len(s.batch_shape)
+  fs = _fields(ad)
+  if not (all(sum(a is None for a in lay[f][nb:]) <= 1 for f in fs) and any(
+      rank_axis(ad, f) is not None for f in fs)):
+    return False
   keys = jax.random.split(jax.random.key(0), len(fs))
   rnd = dataclasses.replace(ad, **{f: jax.random.normal(k, getattr(ad, f).shape, jnp.float32)
                                    for f, k in zip(fs, keys)})

@@ -81,4 +81,4 @@ def adalora() -> Variant:
     return {'p': common.axes_a(spec), 'lam': common.axes_batch(spec, 1),
             'q': common.axes_b(spec), 'mask': common.axes_batch(spec, 1)}
 
-  return Variant('adalora', init, delta, factored, num_params, layout=lay, reference=reference)
+  return Variant('adalora', init, delta, factored, num_params, layout=lay, reference=reference, resizable=True)

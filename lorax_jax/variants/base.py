@@ -85,6 +85,9 @@ class Variant(NamedTuple):
     tie: optional `Tie` for variants that share arrays across leaves.
     layout: `(spec) -> {field: axes}`: for every array axis of each field, the kernel axis it
       spans (or None: a rank or coefficient axis). Sharding derives adapter shardings from it.
+    resizable: whether its ranks are independent terms: cutting each array along its rank axis
+      (the None axis of `layout`) cuts the update exactly. Rank dynamics (SoRA's pruning,
+      AdaLoRA's budget) resize only such variants.
     reference: optional `(w, adapter) -> W'`: the paper's formula for the merged kernel, in
       float64 NumPy for a 2-D kernel, written independently of `delta` and `factored`; the law
       tests (tests/test_variants.py) check every variant's `merge` against it.
@@ -107,6 +110,7 @@ class Variant(NamedTuple):
   layout: Optional[Callable[[LeafSpec], dict[str, tuple]]] = None
   bind: Optional[Callable[[str, LeafSpec], LeafSpec]] = None
   reference: Optional[Callable[[Any, Any], Any]] = None
+  resizable: bool = False
   from_factors: Optional[Callable[[jax.Array, jax.Array, jax.Array, LeafSpec], Any]] = None
 
 

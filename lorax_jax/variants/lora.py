@@ -65,4 +65,4 @@ def lora() -> Variant:
 
   return Variant('lora', init, delta, factored, num_params,
                  layout=common.lora_layout, from_factors=from_factors,
-                 reference=reference)
+                 reference=reference, resizable=True)

@@ -57,7 +57,7 @@ def lora_fa() -> Variant:
     return math.prod(spec.batch_shape) * spec.rank * math.prod(spec.out_shape)
 
   return Variant('lora_fa', init, delta, factored, num_params,
-                 layout=common.lora_layout, reference=reference)
+                 layout=common.lora_layout, reference=reference, resizable=True)
 
 
 def _precondition(g, p: LoraFaParams, delta: float):

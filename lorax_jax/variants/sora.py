@@ -73,4 +73,4 @@ def sora() -> Variant:
     return {'a': common.axes_a(spec), 'b': common.axes_b(spec),
             'gate': common.axes_batch(spec, 1)}
 
-  return Variant('sora', init, delta, factored, num_params, layout=lay, reference=reference)
+  return Variant('sora', init, delta, factored, num_params, layout=lay, reference=reference, resizable=True)
