@@ -127,35 +127,9 @@ def _flat_adapters(adapters: Any) -> dict[str, Any]:
   return _resolve_ties(paths.flat(adapters, is_leaf=is_adapter))
 
 
-def _tie(adapter):
-  """The variant's `Tie` for adapter states of tied variants, else None."""
-  if not is_adapter(adapter) or isinstance(adapter, variants.FullParams):
-    return None
-  return variants.get(adapter.spec.variant).tie
-
-
-def _group(adapter):
-  return adapter.spec.variant, _tie(adapter).key(adapter.spec)
-
-
-def _resolve_ties(flat: dict[str, Any]) -> dict[str, Any]:
-  """Gives every member of a tied group its owner's shared arrays."""
-  owners = {}
-  for path, adapter in flat.items():
-    tie = _tie(adapter)
-    if tie is not None and tie.is_owner(adapter):
-      owners[_group(adapter)] = adapter
-  out = dict(flat)
-  for path, adapter in flat.items():
-    tie = _tie(adapter)
-    if tie is None or tie.is_owner(adapter):
-      continue
-    group = _group(adapter)
-    if group not in owners:
-      raise ValueError(f'{adapter.spec.variant!r} adapter at {path!r} shares its arrays with '
-                       f'group {group[1]!r}, whose owning leaf is not in the adapter tree.')
-    out[path] = tie.fill(adapter, owners[group])
-  return out
+_tie = variants.tie_of
+_group = variants.tie_group
+_resolve_ties = variants.resolve_ties
 
 
 def _map_adapted(fn, params, adapters):

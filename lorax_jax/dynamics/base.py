@@ -197,22 +197,7 @@ def low_rank(adapters) -> dict[str, Any]:
   return {p: a for p, a in flat(adapters).items() if a.spec.variant != FULL}
 
 
-def with_ties(states: dict[str, Any]) -> dict[str, Any]:
-  """`states` with every member of a tied group (Tied-LoRA) given its owner's shared arrays,
-  by the variant's own `Tie`, so that each state's update can be formed on its own."""
-  ties = {p: variants.get(a.spec.variant).tie for p, a in states.items()}
-  group = lambda a, tie: (a.spec.variant, tie.key(a.spec))
-  owners = {group(a, ties[p]): a for p, a in states.items()
-            if ties[p] is not None and ties[p].is_owner(a)}
-  out = dict(states)
-  for p, a in states.items():
-    tie = ties[p]
-    if tie is not None and not tie.is_owner(a):
-      if group(a, tie) not in owners:
-        raise ValueError(f'{a.spec.variant!r} adapter at {p!r} shares its arrays with group '
-                         f'{group(a, tie)[1]!r}, whose owning leaf is not in the adapter tree.')
-      out[p] = tie.fill(a, owners[group(a, tie)])
-  return out
+with_ties = variants.resolve_ties   # one tie resolution, the variants' own
 
 
 # ---------------------------------------------------------------------------------------------

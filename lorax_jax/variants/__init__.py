@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from lorax_jax import quant
+from lorax_jax.leafspec import LeafSpec
 
 from lorax_jax.variants import base  # noqa: F401  (variants.base)
 from lorax_jax.variants.adalora import AdaloraParams, adalora
@@ -79,10 +80,45 @@ def merged_leaf(w: jax.Array, adapter: Any, sign: int = 1, requantize: bool = Fa
   return (w.astype(cd) + sign * dw.astype(cd)).astype(w.dtype)
 
 
+
+def tie_of(adapter: Any) -> Tie | None:
+  """The variant's `Tie` for an adapter state of a tied variant (Tied-LoRA), else None."""
+  if not isinstance(getattr(adapter, 'spec', None), LeafSpec) or isinstance(adapter, FullParams):
+    return None
+  return get(adapter.spec.variant).tie
+
+
+def tie_group(adapter: Any) -> tuple[str, Any]:
+  """The tie group of a tied adapter state: `(variant, Tie.key(spec))`."""
+  return adapter.spec.variant, tie_of(adapter).key(adapter.spec)
+
+
+def resolve_ties(states: dict[str, Any]) -> dict[str, Any]:
+  """`{path: state}` with every member of a tied group given its owner's shared arrays (by the
+  variant's own `Tie`), so that each state's update can be formed on its own.
+
+  Raises:
+    ValueError: for a member whose group's owner is not among `states`.
+  """
+  owners = {tie_group(a): a for a in states.values()
+            if tie_of(a) is not None and tie_of(a).is_owner(a)}
+  out = dict(states)
+  for path, a in states.items():
+    tie = tie_of(a)
+    if tie is None or tie.is_owner(a):
+      continue
+    if tie_group(a) not in owners:
+      raise ValueError(f'{a.spec.variant!r} adapter at {path!r} shares its arrays with group '
+                       f'{tie_group(a)[1]!r}, whose owning leaf is not in the adapter tree.')
+    out[path] = tie.fill(a, owners[tie_group(a)])
+  return out
+
+
 __all__ = [
     'AdaloraParams', 'DoraParams', 'Factored', 'FullParams', 'LohaParams', 'LokrParams',
     'LoraFaParams', 'LoraParams', 'LoraXsParams', 'NolaParams', 'SoraParams', 'Tie',
     'TiedLoraParams', 'Variant', 'VeraParams',
     'adalora', 'dora', 'get', 'loha', 'lokr', 'lora', 'lora_fa', 'lora_fa_preconditioner',
-    'lora_xs', 'merged_leaf', 'names', 'nola', 'register', 'sora', 'tied_lora', 'vera',
+    'lora_xs', 'merged_leaf', 'names', 'nola', 'register', 'resolve_ties', 'sora', 'tie_group',
+    'tie_of', 'tied_lora', 'vera',
 ]
