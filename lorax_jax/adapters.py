@@ -98,12 +98,12 @@ def init(key: jax.Array, params: Any, spec: dict[str, Any], *, fn: Any = None,
       changed[path] = w
   owners = set()
   for keys, adapter in adapters.items():  # tied variants: the first leaf of a group owns it
-    tie = _tie(adapter)
+    tie = variants.tie_of(adapter)
     if tie is not None:
-      if _group(adapter) in owners:
+      if variants.tie_group(adapter) in owners:
         adapters[keys] = tie.strip(adapter)
       else:
-        owners.add(_group(adapter))
+        owners.add(variants.tie_group(adapter))
   if changed:
     params = jax.tree_util.tree_map_with_path(
         lambda kp, x: changed.get(paths.path_str(kp), x), params, is_leaf=quant_lib.is_quantized)
@@ -124,12 +124,7 @@ def _on_quantized(path: str, record: inits.Init) -> str:
 def _flat_adapters(adapters: Any) -> dict[str, Any]:
   if not adapters:
     return {}
-  return _resolve_ties(paths.flat(adapters, is_leaf=is_adapter))
-
-
-_tie = variants.tie_of
-_group = variants.tie_group
-_resolve_ties = variants.resolve_ties
+  return variants.resolve_ties(paths.flat(adapters, is_leaf=is_adapter))
 
 
 def _map_adapted(fn, params, adapters):
@@ -172,7 +167,7 @@ def split(joined: Any) -> tuple[Any, dict[str, Any]]:
 
   def visit(kp, x):
     if isinstance(x, Adapted):
-      tie = _tie(x.adapter)
+      tie = variants.tie_of(x.adapter)
       strip = tie is not None and not tie.is_owner(x.adapter)
       adapters[paths.path_keys(kp)] = tie.strip(x.adapter) if strip else x.adapter
       return x.w
