@@ -16,12 +16,16 @@ import lorax_jax as lj
 needs_8_devices = pytest.mark.skipif(jax.device_count() < 8, reason='needs 8 (fake) devices')
 
 
-def subprocess_env(devices: int | None = None, **env: str) -> dict[str, str]:
-  """The environment for a script a test starts: this one's, with the fake device count that
-  conftest sets replaced by `devices` (none: the script's own default), and the other XLA flags
-  (e.g. the CPU code generation the suite runs under) kept."""
-  flags = [f for f in os.environ.get('XLA_FLAGS', '').split()
-           if not f.startswith('--xla_force_host_platform_device_count')]
+def subprocess_env(devices: int | None = None, *, optimized: bool = False,
+                   **env: str) -> dict[str, str]:
+  """The environment for a script a test starts: this one's, with `devices` fake devices (none:
+  the script's own default) instead of conftest's count, and the compilation cache kept.
+
+  A training run compiles fast like the test process (its resume, checkpoints and errors do not
+  depend on code generation); a benchmark (`optimized=True`), whose claims are about the code
+  users run, gets only the XLA flags the user gave."""
+  flags = os.environ.get('LORAX_JAX_TEST_USER_XLA_FLAGS' if optimized else 'XLA_FLAGS', '')
+  flags = [f for f in flags.split() if not f.startswith('--xla_force_host_platform_device_count')]
   if devices:
     flags.append(f'--xla_force_host_platform_device_count={devices}')
   out = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
@@ -39,16 +43,21 @@ def enable_x64():
 
 
 # Relative tolerance (max abs error / max abs reference) of the factored output against the
-# float64 merged reference, per base dtype.
-TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
+# float64 merged reference, per base dtype. bfloat16: 4 of its roundings (2^-7 each), since the
+# stacked cases chain three bfloat16 layers (their error reaches 3e-2 on some draws).
+TOL = {jnp.float32: 1e-5, jnp.bfloat16: 4 * 2.0 ** -7}
+# The factored output is this many times closer to the reference than the base output is: an
+# adapter that is ignored or applied at the wrong scale fails, whatever the dtype's tolerance.
+CLOSER = 8
 
 
 def randomize(adapters, key, scale=0.3):
-  """Fresh random values for every adapter array (B included), keeping dtypes."""
+  """Fresh random values for every adapter array (B included), keeping dtypes. Drawn by NumPy
+  from a seed that `key` gives (no XLA program per leaf shape to compile)."""
   leaves, treedef = jax.tree_util.tree_flatten(adapters)
-  keys = jax.random.split(key, len(leaves))
-  new = [(scale * jax.random.normal(k, l.shape, jnp.float32)).astype(l.dtype)
-         for k, l in zip(keys, leaves)]
+  rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel().tolist())
+  new = [jnp.asarray((scale * rng.standard_normal(l.shape)).astype(np.float32).astype(l.dtype))
+         for l in leaves]
   return jax.tree_util.tree_unflatten(treedef, new)
 
 
@@ -58,27 +67,45 @@ def cast_tree(tree, dtype):
       else x, tree)
 
 
+def jit_arrays(fn, *args):
+  """`jax.jit(fn)(*args)` with the non-array leaves of `args` (Python numbers, flags) held fixed
+  instead of traced."""
+  leaves, treedef = jax.tree_util.tree_flatten(args)
+  traced = [isinstance(l, (jax.Array, np.ndarray, np.generic)) for l in leaves]
+
+  def run(arrays):
+    it = iter(arrays)
+    return fn(*jax.tree_util.tree_unflatten(
+        treedef, [next(it) if t else l for l, t in zip(leaves, traced)]))
+
+  return jax.jit(run)([l for l, t in zip(leaves, traced) if t])
+
+
 def f64_reference(fn, params, adapters, *args):
   """fn(W + s*A@B, *args) computed in float64 on float64 copies of everything."""
   with enable_x64():
     p64 = cast_tree(params, jnp.float64)
     a64 = cast_tree(adapters, jnp.float64)
     args64 = cast_tree(list(args), jnp.float64)
-    out = fn(lj.merge(p64, a64), *args64)
+    out = jit_arrays(lambda p, a, rest: fn(lj.merge(p, a), *rest), p64, a64, args64)
     return jax.tree_util.tree_map(lambda x: np.asarray(x, np.float64), out)
 
 
 def assert_factored_and_merged_match_float64(fn, params, adapters, args, dtype):
   """`lora(fn)` (jitted) and `fn` on `merge(...)` both match the float64 merged reference within
-  `TOL[dtype]`, keep the base's output dtype, and the adapter visibly changes the output."""
+  `TOL[dtype]` and `CLOSER` times closer than the base output is, and keep the base's dtype."""
   out = jax.jit(lj.lora(fn))(lj.join(params, adapters), *args)
   ref = f64_reference(fn, params, adapters, *args)
-  assert out.dtype == fn(params, *args).dtype
-  base = np.asarray(fn(params, *args).astype(jnp.float32), np.float64)
-  assert rel_err(base, ref) > 1e-2, 'the adapter must change the output'
-  assert rel_err(out, ref) < TOL[dtype]
-  merged_out = fn(lj.merge(params, adapters), *args)
-  assert rel_err(merged_out, ref) < TOL[dtype]
+  base_out = jit_arrays(fn, params, *args)
+  assert out.dtype == base_out.dtype
+  base = np.asarray(base_out.astype(jnp.float32), np.float64)
+  effect = rel_err(base, ref)
+  merged_out = jit_arrays(fn, lj.merge(params, adapters), *args)
+  for name, value in (('factored', out), ('merged', merged_out)):
+    err = rel_err(value, ref)
+    assert err < TOL[dtype], (name, err, TOL[dtype])
+    assert err < effect / CLOSER, f'{name}: error {err:.3g} vs the adapter\'s effect {effect:.3g}'
+
 
 
 def mean_square_loss(fn):
