@@ -31,12 +31,36 @@ def _leaf_key(key: jax.Array, path: str) -> jax.Array:
   return jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
 
 
+def _check_key(key: Any) -> None:
+  """Raises unless `key` is ONE PRNG key: a typed key (`jax.random.key`) of shape () or a legacy
+  raw key (`jax.random.PRNGKey`, uint32[2]; uint32[4] for the 'rbg' implementations)."""
+  shape, dtype = getattr(key, 'shape', None), getattr(key, 'dtype', None)
+  if shape is not None and dtype is not None and not isinstance(key, (np.generic, bool)):
+    shape = tuple(shape)
+    if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+      if shape == ():
+        return
+      got = f'a batch of {math.prod(shape)} typed keys (shape {shape})'
+    elif np.dtype(dtype) == np.uint32 and shape in ((2,), (4,)):
+      return
+    elif np.dtype(dtype) == np.uint32 and len(shape) >= 2 and shape[-1] in (2, 4):
+      got = f'a batch of legacy keys (uint32 array of shape {shape})'
+    else:
+      got = f'an array of shape {shape} and dtype {np.dtype(dtype).name}'
+  else:
+    got = f'{type(key).__name__} {key!r}'
+  raise ValueError(f'key must be a single PRNG key from jax.random.key(seed) (or the legacy '
+                   f'jax.random.PRNGKey(seed), uint32[2]); got {got}. For several inits, call '
+                   'init once per key.')
+
+
 def init(key: jax.Array, params: Any, spec: dict[str, Any], *, fn: Any = None,
          batches: Any = None, num_batches: int = 8) -> tuple[Any, dict[str, Any]]:
   """Creates the adapter tree for `spec`.
 
   Args:
-    key: a PRNG key; each leaf's init uses `fold_in(key, crc32(path))`.
+    key: one PRNG key, typed (`jax.random.key(seed)`) or legacy (`jax.random.PRNGKey(seed)`);
+      each leaf's init uses `fold_in(key, crc32(path))`.
     params: the base parameters (linen dict or NNX State); leaves may be quantized
       (`lorax_jax.quant`).
     spec: from `make_spec(params, ...)`.
@@ -53,9 +77,11 @@ def init(key: jax.Array, params: Any, spec: dict[str, Any], *, fn: Any = None,
     no adapter). For a quantized residual (QPiSSA), `quantize` the returned params.
 
   Raises:
-    ValueError: if the spec does not fit `params`, a calibrated init lacks `fn` or `batches`,
-      the batches run dry, or an init that changes the base meets an already quantized leaf.
+    ValueError: if `key` is not a single PRNG key (an int, a float, a batch of keys), the spec
+      does not fit `params`, a calibrated init lacks `fn` or `batches`, the batches run dry, or
+      an init that changes the base meets an already quantized leaf.
   """
+  _check_key(key)
   spec_lib.validate_against(params, spec)
   specs = spec_lib.spec_leaves(spec)
   records = {p: inits.get(s.init) for p, s in specs.items() if s.variant != spec_lib.FULL}

@@ -122,3 +122,28 @@ def test_trees_from_differently_worded_rules_combine(variant):
   assert helpers.rel_err(out, ref) < helpers.TOL[jnp.float32]
   # The average of the trees is a different model from either one.
   assert helpers.rel_err(helpers.f64_reference(fn, params, a1, x), ref) > 1e-3
+
+
+@pytest.mark.parametrize('key,got', [
+    (0, 'int 0'), (1.5, 'float 1.5'),
+    (jax.random.split(jax.random.key(0), 3), 'a batch of 3 typed keys (shape (3,))'),
+    (jax.random.split(jax.random.PRNGKey(0), 3),
+     'a batch of legacy keys (uint32 array of shape (3, 2))'),
+    (jnp.zeros((2,), jnp.float32), 'an array of shape (2,) and dtype float32')])
+def test_init_names_a_bad_key(key, got):
+  params = {'w': jax.random.normal(jax.random.key(0), (6, 5))}
+  spec = lj.make_spec(params, [('w', {'rank': 2})])
+  with pytest.raises(ValueError, match=re.escape(
+      f'key must be a single PRNG key from jax.random.key(seed) (or the legacy '
+      f'jax.random.PRNGKey(seed), uint32[2]); got {got}.')):
+    lj.init(key, params, spec)
+
+
+def test_init_takes_typed_and_legacy_keys_alike():
+  """A legacy uint32[2] key and the typed key wrapping the same bits give the same adapters."""
+  params = {'w': jax.random.normal(jax.random.key(0), (6, 5))}
+  spec = lj.make_spec(params, [('w', {'rank': 2, 'init': 'gaussian'})])
+  _, typed = lj.init(jax.random.key(7), params, spec)
+  _, legacy = lj.init(jax.random.PRNGKey(7), params, spec)
+  assert np.any(np.asarray(typed['w'].a))
+  np.testing.assert_array_equal(typed['w'].a, legacy['w'].a)
