@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+import warnings
 import zlib
 
 import jax
@@ -339,11 +340,25 @@ def test_load_peft_refuses_bad_files(minilm, tmp_path):
                                                                                      np.float32)
   hf.save_safetensors(t, weights(d))
   cases.append((d, 'lora_A (2, 100) / lora_B (384, 2), expected (2, 384) / (384, 2)'))
-  d = fresh('stranger')
+  d = fresh('notpeft')
   t = hf.load_safetensors(weights(d))
-  t['base_model.model.decoder.layers.0.fc.lora_A.weight'] = np.ones((2, 4), np.float32)
+  t['decoder.layers.0.fc.lora_A.weight'] = np.ones((2, 4), np.float32)
   hf.save_safetensors(t, weights(d))
-  cases.append((d, "tensors the name map does not know: ['base_model.model.decoder.layers.0.fc"))
+  cases.append((d, "tensors the name map does not know: ['decoder.layers.0.fc.lora_A.weight']"))
+  d = fresh('misfit')   # a module the map knows, with a tensor it does not have
+  t = hf.load_safetensors(weights(d))
+  t['base_model.model.encoder.layer.0.output.LayerNorm.gamma'] = np.ones((384,), np.float32)
+  hf.save_safetensors(t, weights(d))
+  cases.append((d, "['base_model.model.encoder.layer.0.output.LayerNorm.gamma (the name map "
+                   "knows other tensors of this module)']"))
+  for name, bad in (('nan', np.nan), ('inf', -np.inf)):
+    d = fresh(name)
+    t = hf.load_safetensors(weights(d))
+    key = 'base_model.model.encoder.layer.0.intermediate.dense.lora_A.weight'
+    t[key] = t[key].copy()
+    t[key][1, 5:8] = bad
+    hf.save_safetensors(t, weights(d))
+    cases.append((d, f"tensors holding NaN or inf: ['{key} (3 of {t[key].size} entries)']"))
   d = fresh('corrupt')
   raw = bytearray(open(weights(d), 'rb').read())
   raw[8:20] = b'{"broken": !'
@@ -358,6 +373,11 @@ def test_load_peft_refuses_bad_files(minilm, tmp_path):
   for directory, message in cases:
     with pytest.raises(ValueError, match=re.escape(message)):
       lj.load_peft(str(directory), params, names)
+  # A wrong module_prefix: the file has no module the map knows.
+  with pytest.raises(ValueError, match=re.escape(
+      "no tensor of the file belongs to a module the name map knows: ['base_model.model.encoder."
+      "layer.0.attention.self.query.lora_A.weight'")):
+    lj.load_peft(str(tmp_path / 'ok'), params, names, module_prefix='bert.')
   lj.load_peft(str(tmp_path / 'ok'), params, names)
 
 
@@ -495,3 +515,39 @@ def test_load_peft_tree_averages_with_a_native_one(minilm, tmp_path):
   ref = helpers.f64_reference(fn, params, mean, ids, mask)
   assert _rel(ours, ref) < 1e-4
   assert _rel(_jax_embed(model, params, native, ids, mask), ref) > 1e-3
+
+
+def test_load_peft_skips_modules_the_name_map_does_not_know(minilm, tmp_path):
+  """PEFT's `target_modules=['query', 'key', 'value', 'dense']` on BertModel also adapts
+  `pooler.dense`, which the encoder's last_hidden_state does not use and the name map leaves
+  out: load_peft loads the rest, with one warning naming the pooler's tensors."""
+  model, params, ids, mask, names = minilm
+  torch.manual_seed(3)
+  pm = peft.get_peft_model(_hf_bert(), peft.LoraConfig(
+      r=2, lora_alpha=4, target_modules=['query', 'key', 'value', 'dense'],
+      init_lora_weights=False)).eval()
+  pm.save_pretrained(str(tmp_path))
+  assert 'base_model.model.pooler.dense.lora_A.weight' in hf.load_safetensors(
+      str(tmp_path / interop.WEIGHTS_NAME))
+  with pytest.warns(UserWarning, match=re.escape(
+      "skipping 2 tensors of modules the name map does not know: "
+      "['base_model.model.pooler.dense.lora_A.weight', "
+      "'base_model.model.pooler.dense.lora_B.weight']")) as record:
+    spec, adapters = lj.load_peft(str(tmp_path), params, names)
+  assert sum('skipping' in str(w.message) for w in record) == 1
+  specs = lj.spec.spec_leaves(spec)
+  assert len(specs) == 6 * 6   # q, k, v, attention out, intermediate, output in 6 layers
+  theirs = _torch_embed(pm, ids, mask)
+  assert _rel(theirs, _torch_embed(_hf_bert(), ids, mask)) > 1e-2
+  assert _rel(_jax_embed(model, params, adapters, ids, mask), theirs) < 1e-4
+  # exclude= by the file's module name or by a Flax path (as save_peft's): no warning; a regex
+  # that matches nothing is no error, as in save_peft.
+  with warnings.catch_warnings():
+    warnings.simplefilter('error')
+    spec2, _ = lj.load_peft(str(tmp_path), params, names,
+                            exclude=[r'^pooler\.', r'^encoder\.layer\.1\.', r'layer0/query/',
+                                     r'matches_nothing'])
+  got = set(lj.spec.spec_leaves(spec2))
+  assert got == {p for p in specs if not p.startswith(('layer1/', 'layer0/query/'))}
+  with pytest.raises(ValueError, match='the adapter holds no tensors'):
+    lj.load_peft(str(tmp_path), params, names, exclude=['.'])

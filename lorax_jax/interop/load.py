@@ -5,7 +5,8 @@ from __future__ import annotations
 import collections
 import os
 import re
-from typing import Any
+import warnings
+from typing import Any, Sequence
 
 import jax
 import numpy as np
@@ -21,8 +22,16 @@ from lorax_jax.variants import FullParams
 
 
 def load_peft(directory: str, params: Any, name_map: Any, *, module_prefix: str = '',
+              exclude: Sequence[str] = (),
               dtype: Any = None) -> tuple[dict[str, Any], dict[str, Any]]:
   """Reads a Hugging Face PEFT LoRA adapter into a spec and an adapter tree for `params`.
+
+  Modules of the file that the name map does not know (no entry for any of their tensors) are
+  skipped, with one `UserWarning` naming their tensors: e.g. `target_modules=['dense', ...]` on
+  `BertModel` also adapts `pooler.dense`, which the encoder's `last_hidden_state` does not use
+  and `hf_mapping('bert', ...)` leaves out. Modules the name map knows must fit: missing parts,
+  wrong shapes and ranks are errors. A file none of whose modules the map knows is an error (a
+  wrong `module_prefix`, or the adapter of another model).
 
   Args:
     directory: holds `adapter_config.json` and `adapter_model.safetensors`.
@@ -31,6 +40,10 @@ def load_peft(directory: str, params: Any, name_map: Any, *, module_prefix: str 
     name_map: the model's name map (see `lorax_jax.interop`).
     module_prefix: the prefix of the HF module names in the file (e.g. `'bert.'` for a
       `BertForSequenceClassification` adapter and `BertModel`'s name map).
+    exclude: regexes (`re.search`) of modules to leave out, silently: a module is left out when
+      one matches its name as the file has it (after `base_model.model.`, `module_prefix`
+      included, e.g. `r'^pooler\\.'`) or a '/'-joined path it maps to (so `save_peft`'s
+      `exclude=` works here too). Like `save_peft`, a regex that matches nothing is no error.
     dtype: adapter dtype (default: the base leaf's).
 
   Returns:
@@ -40,13 +53,15 @@ def load_peft(directory: str, params: Any, name_map: Any, *, module_prefix: str 
 
   Raises:
     ValueError: for what `read_peft_config` refuses, a missing or corrupt safetensors file,
-      missing or unknown tensors, modules not in the name map, wrong shapes, or ranks that do not
-      match the config.
+      tensors holding NaN or inf (named), tensor names that are not PEFT's, missing tensors or
+      wrong shapes of modules the name map knows, ranks that do not match the config, or a file
+      with nothing the name map knows.
   """
   config = schema.read_peft_config(directory)
   tensors = hf.load_safetensors(os.path.join(directory, schema.WEIGHTS_NAME))
+  _check_finite(directory, tensors)
   by_module, by_key = _index(hf_layout.name_map_entries(name_map, params))
-  lora, full_tensors = _split(directory, tensors, by_module, by_key, module_prefix)
+  lora, full_tensors = _split(directory, tensors, by_module, by_key, module_prefix, exclude)
   codec = codecs.codec(bool(config.get('use_dora')))
   per_path = _modules(directory, codec, lora, by_module, config, module_prefix)
   leaves = {p: l for p, _, l in paths.leaves_with_paths(params)}
@@ -85,36 +100,86 @@ def _index(entries: list[hf.Entry]) -> tuple[dict, dict]:
   return by_module, by_key
 
 
-def _split(directory: str, tensors: dict, by_module: dict, by_key: dict,
-           module_prefix: str) -> tuple[dict, dict]:
-  """`({module: {part: array}}, {tensor name: array})`: the LoRA parts and the whole tensors.
+def _check_finite(directory: str, tensors: dict) -> None:
+  """Raises for tensors holding NaN or inf (a diverged run, or a corrupt file).
 
   Raises:
-    ValueError: for tensors the name map does not know.
+    ValueError: naming every such tensor and how many entries are not finite.
   """
+  bad = []
+  for key, value in sorted(tensors.items()):
+    value = np.asarray(value)
+    if value.dtype.kind in 'fcV':  # 'V': ml_dtypes' bfloat16 / float8
+      finite = np.isfinite(value)
+      if not finite.all():
+        bad.append(f'{key} ({int(finite.size - finite.sum())} of {finite.size} entries)')
+  if bad:
+    raise ValueError(f'{directory}: tensors holding NaN or inf: {bad[:20]}; the file is corrupt '
+                     'or was saved from a diverged run.')
+
+
+def _split(directory: str, tensors: dict, by_module: dict, by_key: dict, module_prefix: str,
+           exclude: Sequence[str]) -> tuple[dict, dict]:
+  """`({module: {part: array}}, {tensor name: array})`: the LoRA parts and the whole tensors of
+  the modules the name map knows and `exclude` keeps; the others are skipped with a warning.
+
+  Raises:
+    ValueError: for tensor names that are not PEFT's (no `base_model.model.`), tensors the name
+      map lacks in modules it knows, or a file with no module the name map knows.
+  """
+  known = {k.rsplit('.', 1)[0] for k in by_key}
   lora: dict[str, dict[str, np.ndarray]] = collections.defaultdict(dict)
-  full_tensors, unknown = {}, []
+  full_tensors, not_peft, misfit, skipped = {}, [], [], []
   prefix = schema.PREFIX + module_prefix
+  excluded = lambda module, keys: any(
+      re.search(rx, module_prefix + module) or
+      any(re.search(rx, e.path) for k in keys for e in by_key.get(k, ()))
+      for rx in exclude)
   for key, value in tensors.items():
+    if not key.startswith(schema.PREFIX):
+      not_peft.append(key)
+      continue
     if not key.startswith(prefix):
-      unknown.append(key)
+      if not any(re.search(rx, key[len(schema.PREFIX):]) for rx in exclude):
+        skipped.append(key)
       continue
     name = key[len(prefix):].replace('.base_layer.', '.')
     for suffix, part in schema.SUFFIXES.items():
       if name.endswith('.' + suffix):
-        lora[name[:-len(suffix) - 1]][part] = np.asarray(value)
+        module = name[:-len(suffix) - 1]
+        if excluded(module, [f'{module}.weight']):
+          break
+        if module in by_module:
+          lora[module][part] = np.asarray(value)
+        elif module in known:
+          misfit.append(f'{key} (the name map has no weight of this module)')
+        else:
+          skipped.append(key)
         break
     else:
+      module = name.rsplit('.', 1)[0]
+      if excluded(module, [name]):
+        continue
       if name in by_key:
         full_tensors[name] = np.asarray(value)
+      elif module in known:
+        misfit.append(f'{key} (the name map knows other tensors of this module)')
       else:
-        unknown.append(key)
-  not_mapped = sorted(m for m in lora if m not in by_module)
-  if unknown or not_mapped:
+        skipped.append(key)
+  if not_peft or misfit:
     raise ValueError(
-        f'{directory}: tensors the name map does not know: '
-        f'{(unknown + [prefix + m for m in not_mapped])[:20]} (module_prefix='
-        f'{module_prefix!r}; the map knows e.g. {sorted(by_module)[:5]}).')
+        f'{directory}: tensors the name map does not know: {(not_peft + misfit)[:20]} '
+        f'(PEFT names tensors {schema.PREFIX}<module>...; module_prefix={module_prefix!r}).')
+  if skipped and not lora and not full_tensors:
+    raise ValueError(
+        f'{directory}: no tensor of the file belongs to a module the name map knows: '
+        f'{sorted(skipped)[:10]} (module_prefix={module_prefix!r}; the map knows e.g. '
+        f'{sorted(by_module)[:5]}).')
+  if skipped:
+    warnings.warn(
+        f'{directory}: skipping {len(skipped)} tensors of modules the name map does not know: '
+        f'{sorted(skipped)[:20]}. Pass exclude= to skip them silently.', UserWarning,
+        stacklevel=3)
   return lora, full_tensors
 
 
