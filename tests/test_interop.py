@@ -551,3 +551,40 @@ def test_load_peft_skips_modules_the_name_map_does_not_know(minilm, tmp_path):
   assert got == {p for p in specs if not p.startswith(('layer1/', 'layer0/query/'))}
   with pytest.raises(ValueError, match='the adapter holds no tensors'):
     lj.load_peft(str(tmp_path), params, names, exclude=['.'])
+
+
+def test_save_peft_with_a_dict_name_map_needs_no_params(tmp_path):
+  """A `{path: module}` name map takes its shapes from the adapters: the file written without
+  `params=` is the one written with it, and PEFT loads it onto the torch model."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+
+  class MLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(5, name='fc2')(nn.relu(nn.Dense(7, name='fc1')(x)))
+
+  x = np.random.default_rng(1).normal(size=(3, 6)).astype(np.float32)
+  params = MLP().init(jax.random.key(0), x)['params']
+  spec = lj.make_spec(params, [('fc1/kernel', {'rank': 3, 'alpha': 6.0}),
+                               ('fc2/kernel', {'rank': 2, 'alpha': 2.0})])
+  params, adapters = lj.init(jax.random.key(1), params, spec)
+  adapters = _random_adapters(adapters, jax.random.key(2))
+  names = {'fc1/kernel': '0', 'fc2/kernel': '2'}   # torch.nn.Sequential's module names
+  config = lj.save_peft(str(tmp_path / 'no_params'), adapters, spec, names)
+  assert config == lj.save_peft(str(tmp_path / 'params'), adapters, spec, names, params=params)
+  got = hf.load_safetensors(str(tmp_path / 'no_params' / interop.WEIGHTS_NAME))
+  want = hf.load_safetensors(str(tmp_path / 'params' / interop.WEIGHTS_NAME))
+  assert set(got) == set(want) and got['base_model.model.0.lora_A.weight'].shape == (3, 6)
+  for key in want:
+    np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+  net = torch.nn.Sequential(torch.nn.Linear(6, 7), torch.nn.ReLU(), torch.nn.Linear(7, 5))
+  with torch.no_grad():
+    for i, layer in ((0, 'fc1'), (2, 'fc2')):
+      net[i].weight.copy_(torch.tensor(np.asarray(params[layer]['kernel']).T))
+      net[i].bias.copy_(torch.tensor(np.asarray(params[layer]['bias'])))
+  loaded = peft.PeftModel.from_pretrained(net, str(tmp_path / 'no_params')).eval()
+  with torch.no_grad():
+    theirs = loaded(torch.tensor(x)).numpy()
+  ours = np.asarray(lj.lora(lambda p, v: MLP().apply({'params': p}, v))(
+      lj.join(params, adapters), x))
+  assert _rel(ours, theirs) < 1e-5

@@ -20,15 +20,26 @@ from lorax_jax.leafspec import LeafSpec
 from lorax_jax.models import hf
 
 
-def name_map_entries(name_map: Any, params: Any = None) -> list[hf.Entry]:
+def name_map_entries(name_map: Any, params: Any = None,
+                     shapes: Mapping[str, tuple[int, ...]] | None = None) -> list[hf.Entry]:
   """A list of `hf.Entry` from a name map (entries, or `{path: module}` for (in, out) Linears).
+
+  Args:
+    name_map: a list of `hf.Entry`, or a `{path: module}` dict.
+    params: for a dict: the base parameters, whose shapes the entries take.
+    shapes: for a dict: `{path: shape}` of leaves `params` does not give (e.g. from the
+      adapters' specs, when there is no `params`).
+
+  Returns:
+    The entries (a dict's with `hf_shape` where `params` or `shapes` know the leaf).
 
   Raises:
     ValueError: for a name map that is neither.
   """
   if isinstance(name_map, Mapping):
-    shapes = ({p: np.shape(l) for p, _, l in paths.leaves_with_paths(params)}
-              if params is not None else {})
+    shapes = dict(shapes or {})
+    if params is not None:
+      shapes.update({p: np.shape(l) for p, _, l in paths.leaves_with_paths(params)})
     out = []
     for path, module in name_map.items():
       shape = shapes.get(path)

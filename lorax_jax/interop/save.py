@@ -35,7 +35,8 @@ def save_peft(directory: str, adapters: Any, spec: Any, name_map: Any, *, params
     spec: its spec (`make_spec`); checked against the adapters.
     name_map: the model's name map (see `lorax_jax.interop`).
     params: the base parameters; needed only when a `modules_to_save` module has tensors that
-      are not fully trained (e.g. a head whose kernel is trained and bias frozen).
+      are not fully trained (e.g. a head whose kernel is trained and bias frozen). A
+      `{path: module}` name map takes its shapes from the adapters when `params` is not given.
     module_prefix: prepended to every HF module name (e.g. `'bert.'` when PEFT wraps a
       `BertForSequenceClassification` while the name map is `BertModel`'s).
     exclude: regexes of adapter paths to leave out of the file (e.g. a head with no HF module).
@@ -50,12 +51,14 @@ def save_peft(directory: str, adapters: Any, spec: Any, name_map: Any, *, params
       adapted paths with no entry in the name map, DoRA mixed with LoRA (PEFT's `use_dora` is
       global), or a fused module that DoRA adapts only in part.
   """
-  entries = hf_layout.name_map_entries(name_map, params)
+  flat = paths.flat(adapters, is_leaf=adapters_lib.is_adapter)
+  flat = {p: a for p, a in flat.items() if not any(re.search(rx, p) for rx in exclude)}
+  # A {path: module} map takes its shapes from `params`, else from the adapters' specs.
+  shapes = {p: tuple(a.spec.shape) for p, a in flat.items() if hasattr(a, 'spec')}
+  entries = hf_layout.name_map_entries(name_map, params, shapes=shapes)
   by_key: dict[str, list[hf.Entry]] = {}
   for e in entries:
     by_key.setdefault(e.hf_key, []).append(e)
-  flat = paths.flat(adapters, is_leaf=adapters_lib.is_adapter)
-  flat = {p: a for p, a in flat.items() if not any(re.search(rx, p) for rx in exclude)}
   lora_members, full = _members(flat, spec_lib.spec_leaves(spec), entries)
   codec = codecs.codec(_use_dora(lora_members))
   rslora = {a.spec.scaling for ms in lora_members.values() for _, a in ms} == {'rslora'}
