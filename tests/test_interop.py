@@ -543,9 +543,9 @@ def test_load_peft_skips_modules_the_name_map_does_not_know(minilm, tmp_path):
   # exclude= by the file's module name or by a Flax path (as save_peft's): no warning; a regex
   # that matches nothing is no error, as in save_peft.
   with warnings.catch_warnings():
-    warnings.simplefilter('error')
+    warnings.simplefilter('error', UserWarning)
     spec2, _ = lj.load_peft(str(tmp_path), params, names,
-                            exclude=[r'^pooler\.', r'^encoder\.layer\.1\.', r'layer0/query/',
+                            exclude=[r'^pooler\.dense$', r'^encoder\.layer\.1\.', r'layer0/query/',
                                      r'matches_nothing'])
   got = set(lj.spec.spec_leaves(spec2))
   assert got == {p for p in specs if not p.startswith(('layer1/', 'layer0/query/'))}

@@ -24,6 +24,11 @@ What maps to what:
 Everything else (VeRA, LoHa, LoKr, ... and adapters against a residual base: PiSSA, OLoRA,
 LoRA-GA, CorDA, LoftQ, unless converted with `to_lora`) is refused with a `ValueError`.
 
+On load, modules of the file that the name map does not know (BertModel's `pooler.dense`, which
+PEFT adapts for `target_modules=['dense', ...]`) are skipped with one warning naming their
+tensors; modules it knows must fit. `exclude=` (regexes over module names or paths, as
+`save_peft`'s) leaves modules out silently; NaN or inf tensors are refused by name.
+
 Layout of the package:
   schema     file and tensor names, the PEFT config fields and defaults, what `load_peft`
              refuses (`read_peft_config`), rank/alpha patterns, the config `save_peft` writes

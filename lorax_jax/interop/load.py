@@ -118,6 +118,15 @@ def _check_finite(directory: str, tensors: dict) -> None:
                      'or was saved from a diverged run.')
 
 
+def _parse(file_name: str) -> tuple[str, str | None]:
+  """`(module, part)` of a tensor name (after `base_model.model.`): part `'a'`, `'b'`, `'m'` for
+  LoRA tensors, None for whole tensors (`modules_to_save`, biases)."""
+  for suffix, part in schema.SUFFIXES.items():
+    if file_name.endswith('.' + suffix):
+      return file_name[:-len(suffix) - 1], part
+  return file_name.rsplit('.', 1)[0], None
+
+
 def _split(directory: str, tensors: dict, by_module: dict, by_key: dict, module_prefix: str,
            exclude: Sequence[str]) -> tuple[dict, dict]:
   """`({module: {part: array}}, {tensor name: array})`: the LoRA parts and the whole tensors of
@@ -130,42 +139,34 @@ def _split(directory: str, tensors: dict, by_module: dict, by_key: dict, module_
   known = {k.rsplit('.', 1)[0] for k in by_key}
   lora: dict[str, dict[str, np.ndarray]] = collections.defaultdict(dict)
   full_tensors, not_peft, misfit, skipped = {}, [], [], []
-  prefix = schema.PREFIX + module_prefix
-  excluded = lambda module, keys: any(
-      re.search(rx, module_prefix + module) or
-      any(re.search(rx, e.path) for k in keys for e in by_key.get(k, ()))
-      for rx in exclude)
   for key, value in tensors.items():
     if not key.startswith(schema.PREFIX):
       not_peft.append(key)
       continue
-    if not key.startswith(prefix):
-      if not any(re.search(rx, key[len(schema.PREFIX):]) for rx in exclude):
-        skipped.append(key)
+    file_name = key[len(schema.PREFIX):].replace('.base_layer.', '.')
+    file_module, part = _parse(file_name)
+    ours = file_module.startswith(module_prefix)
+    module, name = file_module[len(module_prefix):], file_name[len(module_prefix):]
+    targets = ([f'{module}.weight'] if part else [name]) if ours else []
+    if any(re.search(rx, file_module) or
+           any(re.search(rx, e.path) for k in targets for e in by_key.get(k, ()))
+           for rx in exclude):
       continue
-    name = key[len(prefix):].replace('.base_layer.', '.')
-    for suffix, part in schema.SUFFIXES.items():
-      if name.endswith('.' + suffix):
-        module = name[:-len(suffix) - 1]
-        if excluded(module, [f'{module}.weight']):
-          break
-        if module in by_module:
-          lora[module][part] = np.asarray(value)
-        elif module in known:
-          misfit.append(f'{key} (the name map has no weight of this module)')
-        else:
-          skipped.append(key)
-        break
-    else:
-      module = name.rsplit('.', 1)[0]
-      if excluded(module, [name]):
-        continue
-      if name in by_key:
-        full_tensors[name] = np.asarray(value)
+    if not ours:
+      skipped.append(key)
+    elif part is not None:
+      if module in by_module:
+        lora[module][part] = np.asarray(value)
       elif module in known:
-        misfit.append(f'{key} (the name map knows other tensors of this module)')
+        misfit.append(f'{key} (the name map has no weight of this module)')
       else:
         skipped.append(key)
+    elif name in by_key:
+      full_tensors[name] = np.asarray(value)
+    elif module in known:
+      misfit.append(f'{key} (the name map knows other tensors of this module)')
+    else:
+      skipped.append(key)
   if not_peft or misfit:
     raise ValueError(
         f'{directory}: tensors the name map does not know: {(not_peft + misfit)[:20]} '
