@@ -164,8 +164,8 @@ DTYPES = [jnp.float32, jnp.bfloat16]
 # The layer kinds of the variant law table (tests/test_variants.py), float32, and the ones it
 # also runs in bfloat16.
 VARIANT_LAYERS = ['linen_dense', 'linen_densegeneral_in', 'nnx_linear_general',
-                  'linen_einsum_transposed', 'linen_conv', 'linen_embed', 'linen_embed_attend',
-                  'linen_scan', 'linen_vmap']
+                  'linen_einsum_transposed', 'linen_conv', 'linen_conv_grouped', 'linen_embed',
+                  'linen_embed_attend', 'linen_scan', 'linen_vmap']
 VARIANT_BF16_LAYERS = ['linen_dense', 'linen_embed_attend', 'linen_scan']
 _in_variant_table = lambda name, dtype: name in (
     VARIANT_LAYERS if dtype == jnp.float32 else VARIANT_BF16_LAYERS)
