@@ -1,6 +1,7 @@
-"""One row per registered interpreter rule (more for variants of its use): the rule runs, in strict mode, and the result matches
-the float64 merged reference (and the dequantized one for a quantized base where the rule says
-how a quantized leaf moves); plus a test that every registered rule has a row."""
+"""One row per registered interpreter rule (more, with names, for variants of its use): the rule
+runs, in strict mode, and the result matches the float64 merged reference (and the dequantized
+one for a quantized base where the rule says how a quantized leaf moves); plus a test that every
+registered rule has a row, and that a first-order rule that declines says why."""
 
 from __future__ import annotations
 

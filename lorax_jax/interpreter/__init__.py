@@ -16,7 +16,8 @@ higher-order, and its axis inference for `infer_axes`), in the module of its gro
 A quantized base leaf (`lorax_jax.quant.QuantizedArray`, adapted or not) is a `QuantW`
 (`quantw`): ops that only move its axes are recorded, and it is dequantized by the op that
 consumes it. Anything else materializes W + dW with a `MaterializeWarning` naming the primitive,
-the path and, where a rule declines (`base.decline`), why; `strict=True` (or the environment variable `LORAX_JAX_STRICT=1`) raises instead.
+the path and, where a rule declines (`base.decline`), why; `strict=True` (or the environment
+variable `LORAX_JAX_STRICT=1`) raises instead.
 Calibration (`capture_inputs`) runs the same interpreter with probes (`capture`). Primitive
 names that differ between JAX releases are in `compat`.
 """
