@@ -20,7 +20,7 @@ from lorax_jax.adapters import (Adapted, count_params, init, join, merge, split,
 from lorax_jax.interop import export_hf, load_peft, save_peft
 from lorax_jax.interpreter import MaterializeError, MaterializeWarning, lora
 from lorax_jax.quant import QuantizedArray, dequantize, quantize
-from lorax_jax.spec import LeafSpec, Rule, dense_kernels, make_spec, summary
+from lorax_jax.spec import AxesAssumedWarning, LeafSpec, Rule, dense_kernels, make_spec, summary
 from lorax_jax.training import (Dynamics, TrainState, init_state, labels, make_train_step,
                                 optimizer)
 from lorax_jax.usage import infer_axes
@@ -33,6 +33,7 @@ __version__ = '0.1.0'
 __all__ = [
     'AdaloraParams',
     'Adapted',
+    'AxesAssumedWarning',
     'DoraParams',
     'Dynamics',
     'Factored',

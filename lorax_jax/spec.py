@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import warnings
 from typing import Any, Callable, Sequence
 
 import jax.numpy as jnp
@@ -61,7 +62,20 @@ def _normalize_axes(value, ndim, path, name):
   return tuple(out)
 
 
-def _resolve_axes(path, shape, setting, inferred):
+class AxesAssumedWarning(UserWarning):
+  """`make_spec` assumed the `(in, out)` layout of 2-D kernels it was not told the axes of."""
+
+
+# Leaf names whose layout the naming tells: Flax's `kernel` (Dense, Einsum, Conv: `(..., in,
+# out)`) and `embedding` (Embed: `(vocab, features)`, looked up by rows).
+_FLAX_LAYOUT_NAMES = ('kernel', 'embedding')
+
+
+def _says_layout(path: str) -> bool:
+  return path.rsplit('/', 1)[-1] in _FLAX_LAYOUT_NAMES
+
+
+def _resolve_axes(path, shape, setting, inferred, consumer=None, assumed=None):
   ndim = len(shape)
   in_axes = _normalize_axes(setting.get('in_axes'), ndim, path, 'in_axes')
   out_axes = _normalize_axes(setting.get('out_axes'), ndim, path, 'out_axes')
@@ -69,9 +83,18 @@ def _resolve_axes(path, shape, setting, inferred):
   if in_axes is None and out_axes is None:
     if inferred is not None:
       batch_axes, in_axes, out_axes = inferred
+    elif consumer is not None:
+      raise ValueError(
+          f'Kernel {path!r} (shape {shape}) is selected for an adapter, but fn consumes it at '
+          f'primitive {consumer!r}, not in a contraction (dot_general, conv_general_dilated, '
+          'gather) that has in- and out-axes, so it has no low-rank factored form. Leave it '
+          "out of the rules (or train it with 'full'), or give in_axes and out_axes in its rule "
+          '(lora(fn) then materializes W + dW there).')
     elif ndim - len(batch_axes or ()) == 2:
       rest = [d for d in range(ndim) if d not in (batch_axes or ())]
       in_axes, out_axes = (rest[0],), (rest[1],)
+      if assumed is not None and not _says_layout(path):
+        assumed.append(path)
     else:
       raise ValueError(
           f'Kernel {path!r} has shape {shape}: its in/out axes are ambiguous. Give in_axes and '
@@ -145,7 +168,8 @@ def _variant_options() -> set[str]:
   return {k for name in variants.names() for k in variants.get(name).options}
 
 
-def _leaf_spec(path, leaf, setting, defaults, inferred) -> LeafSpec | None:
+def _leaf_spec(path, leaf, setting, defaults, inferred, consumer=None,
+               assumed=None) -> LeafSpec | None:
   if setting is None:
     return None
   if isinstance(setting, str):
@@ -186,7 +210,8 @@ def _leaf_spec(path, leaf, setting, defaults, inferred) -> LeafSpec | None:
   dropout = float(merged.get('dropout', 0.0))
   if not 0.0 <= dropout < 1.0:
     raise ValueError(f'dropout={dropout} for {path!r} must be in [0, 1).')
-  batch_axes, in_axes, out_axes = _resolve_axes(path, shape, merged, inferred)
+  batch_axes, in_axes, out_axes = _resolve_axes(path, shape, merged, inferred, consumer,
+                                                assumed)
   rank = merged.get('rank', 8)
   d_in = math.prod(shape[d] for d in in_axes)
   d_out = math.prod(shape[d] for d in out_axes)
@@ -235,9 +260,11 @@ def make_spec(params: Any, rules: Sequence[Any], *, fn: Callable | None = None,
   options (`variants.get(name).options`, e.g. LoKr's `factor`); missing keys come from
   `**defaults` (variant `'lora'`, rank 8, alpha = rank, scaling `'alpha/r'`).
 
-  In/out axes of 2-D kernels are (0,) and (1,). Multi-axis and stacked kernels take theirs from
-  the rule, or are inferred from how `fn(params, *args, **kwargs)` uses them when `fn` is given
-  (contracted axes are the in-axes, scanned axes are batch axes).
+  Axes come from the rule (`in_axes`, `out_axes`, `batch_axes`), else, when `fn` is given, from
+  how `fn(params, *args, **kwargs)` uses each kernel (contracted axes are the in-axes, scanned
+  axes are batch axes), else a 2-D kernel is taken as `(in, out)`: an `AxesAssumedWarning`
+  (once per call) lists the kernels so taken, except leaves named `kernel` or `embedding`,
+  whose Flax layouts are `(in, out)`.
 
   Args:
     params: a parameter pytree (linen dict or NNX State).
@@ -251,7 +278,9 @@ def make_spec(params: Any, rules: Sequence[Any], *, fn: Callable | None = None,
     A nested dict shaped like `params` with a `LeafSpec` or `None` at every leaf.
 
   Raises:
-    ValueError: a rule that matches no path (or only paths earlier rules decide), an unknown
+    ValueError: a kernel selected for an adapter that `fn` consumes outside any contraction
+      (e.g. elementwise, `x * w`: the error names the primitive), a rule that matches no path
+      (or only paths earlier rules decide), an unknown
       variant, scaling, init or setting key, a rank outside [1, min(d_in, d_out)], a variant
       option its variant rejects, or a rule on a leaf that is not a float array of rank >= 2.
   """
@@ -261,11 +290,24 @@ def make_spec(params: Any, rules: Sequence[Any], *, fn: Callable | None = None,
                      f'variant options {sorted(_variant_options())}.')
   leaves = list(paths.leaves_with_paths(params))
   decided = select([p for p, _, _ in leaves], rules, what='Rule')
-  inferred = usage_lib.infer_axes(fn, params, *args, **(kwargs or {})) if fn is not None else {}
+  inferred, consumers = {}, {}
+  if fn is not None:
+    inferred, consumers = usage_lib.infer_usage(fn, params, *args, **(kwargs or {}))
   items = {}
+  assumed = [] if fn is None else None
   for path, keys, leaf in leaves:
     setting = decided[path].setting if path in decided else None
-    items[keys] = _leaf_spec(path, leaf, setting, defaults, inferred.get(path))
+    items[keys] = _leaf_spec(path, leaf, setting, defaults, inferred.get(path),
+                             consumers.get(path), assumed)
+  if assumed:
+    shown = ', '.join(repr(p) for p in assumed[:5]) + (
+        f' and {len(assumed) - 5} more' if len(assumed) > 5 else '')
+    warnings.warn(
+        f'make_spec assumed the layout (in, out) for the 2-D kernels {shown}. Kernels stored '
+        '(out, in) (PyTorch-style weights, equinox Linear) would get transposed adapters: pass '
+        "fn= (and args=) to infer the axes from use, or give 'in_axes' and 'out_axes' in the "
+        "rule. (Leaves named 'kernel' or 'embedding', Flax's (in, out) layouts, are not "
+        'reported.)', AxesAssumedWarning, stacklevel=2)
   return paths.nest(items)
 
 

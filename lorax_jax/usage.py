@@ -4,7 +4,7 @@ Both live in the interpreter package now (`interpreter.api.infer_axes` walks wit
 records as `lora`; `interpreter.tracing.trace`); this module keeps their old names.
 """
 
-from lorax_jax.interpreter.api import infer_axes
+from lorax_jax.interpreter.api import infer_axes, infer_usage
 from lorax_jax.interpreter.tracing import trace
 
-__all__ = ['infer_axes', 'trace']
+__all__ = ['infer_axes', 'infer_usage', 'trace']

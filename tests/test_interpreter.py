@@ -15,6 +15,9 @@ import lorax_jax as lj
 from lorax_jax.models import Decoder
 from tests import helpers
 
+# The 2-D weights 'w' here are (in, out) by construction: make_spec is told no axes.
+pytestmark = pytest.mark.filterwarnings('ignore::lorax_jax.AxesAssumedWarning')
+
 
 def _plain(shape=(6, 5), stacked=None, rank=2, key=0):
   w = jax.random.normal(jax.random.key(key), ((stacked,) if stacked else ()) + shape)
@@ -119,12 +122,32 @@ def test_strict_mode_raises_and_default_warns():
   fn = lambda p, x: x @ jnp.sin(p['w'])
   joined = lj.join(params, adapters)
   with pytest.raises(lj.MaterializeError, match=re.escape(
-      "materializing W + dW for 'w' at primitive 'sin'")):
+      "materializing W + dW for 'w' at primitive 'sin': has no factored rule.")):
     lj.lora(fn, strict=True)(joined, X)
   with pytest.warns(lj.MaterializeWarning, match="'w' at primitive 'sin'"):
     out = lj.lora(fn, strict=False)(joined, X)
   ref = helpers.f64_reference(fn, params, adapters, X)
   assert helpers.rel_err(out, ref) < 1e-5
+
+
+@pytest.mark.parametrize('groups,shape', [(3, (6, 2, 3, 3)), (6, (12, 1, 3, 3))],
+                         ids=['grouped', 'depthwise_multiplier_2'])
+def test_grouped_conv_in_oihw_layout_with_dilations_is_factored(groups, shape):
+  x = jax.random.normal(jax.random.key(1), (2, 6, 7, 7))
+  fn = lambda p, x: jax.lax.conv_general_dilated(
+      x, p['w'], (2, 1), [(1, 1), (0, 2)], lhs_dilation=(1, 2), rhs_dilation=(2, 1),
+      dimension_numbers=('NCHW', 'OIHW', 'NCHW'), feature_group_count=groups)
+  params = {'w': jax.random.normal(jax.random.key(0), shape)}
+  spec = lj.make_spec(params, [('w', {'rank': 2})], fn=fn, args=(x,))
+  assert lj.spec.spec_leaves(spec)['w'].out_axes == (0,)
+  params, adapters = lj.init(jax.random.key(2), params, spec)
+  adapters = helpers.randomize(adapters, jax.random.key(3))
+  apply = lj.lora(fn, strict=True)
+  out = jax.jit(apply)(lj.join(params, adapters), x)
+  ref = helpers.f64_reference(fn, params, adapters, x)
+  assert helpers.rel_err(out, ref) < 1e-5 < helpers.rel_err(fn(params, x), ref)
+  grads = jax.grad(lambda a: apply(lj.join(params, a), x).sum())(adapters)
+  assert all(np.any(np.asarray(g) != 0) for g in jax.tree_util.tree_leaves(grads))
 
 
 def test_returning_the_weight_materializes():

@@ -117,6 +117,7 @@ def _cases():
   x8 = _normal(k[0], (3, 5, 8))
   img = _normal(k[1], (2, 6, 6, 3))
   ids = _ids(k[2], (3, 5), 11)
+  img4 = _normal(k[7], (2, 6, 6, 4))
   return {
       'linen_dense': lambda: _linen(nn.Dense(6), x8, expected={'params/kernel': (1, 8, 6)}),
       'linen_densegeneral_out': lambda: _linen(
@@ -133,6 +134,11 @@ def _cases():
       'linen_conv_strided': lambda: _linen(
           nn.Conv(4, (3, 2), strides=(2, 1), padding='VALID', kernel_dilation=(1, 2)), img,
           expected={'params/kernel': (1, 18, 4)}),
+      'linen_conv_grouped': lambda: _linen(nn.Conv(4, (3, 3), feature_group_count=2), img4,
+                                           expected={'params/kernel': (1, 18, 4)}),
+      'linen_conv_depthwise': lambda: _linen(
+          nn.Conv(8, (3, 3), feature_group_count=4, padding='VALID'), img4,
+          expected={'params/kernel': (1, 9, 8)}),
       'linen_embed': lambda: _linen(nn.Embed(11, 6), ids, pattern='embedding',
                                     expected={'params/embedding': (1, 11, 6)}),
       'linen_embed_attend': lambda: _linen(_Attend(), ids, pattern='embedding',
@@ -158,8 +164,8 @@ DTYPES = [jnp.float32, jnp.bfloat16]
 # The layer kinds of the variant law table (tests/test_variants.py), float32, and the ones it
 # also runs in bfloat16.
 VARIANT_LAYERS = ['linen_dense', 'linen_densegeneral_in', 'nnx_linear_general',
-                  'linen_einsum_transposed', 'linen_conv', 'linen_embed', 'linen_embed_attend',
-                  'linen_scan', 'linen_vmap']
+                  'linen_einsum_transposed', 'linen_conv', 'linen_conv_grouped', 'linen_embed',
+                  'linen_embed_attend', 'linen_scan', 'linen_vmap']
 VARIANT_BF16_LAYERS = ['linen_dense', 'linen_embed_attend', 'linen_scan']
 _in_variant_table = lambda name, dtype: name in (
     VARIANT_LAYERS if dtype == jnp.float32 else VARIANT_BF16_LAYERS)

@@ -200,3 +200,56 @@ def test_mismatched_adapters_are_refused(net):
     lj.join(other, adapters)
   with pytest.raises(ValueError, match='Adapters for paths that are not in params'):
     lj.join({'params': {'x': jnp.ones(3)}}, adapters)
+
+
+def _temporal_conv(params, x):
+  """A recurrentgemma-style temporal Conv1D: its weight (width, features) is used elementwise,
+  `x[t - k] * w[k]` summed over k, never contracted."""
+  w = params['conv_1d']['w']
+  out = 0.0
+  for k in range(w.shape[0]):
+    out = out + jnp.pad(x, ((0, 0), (k, 0), (0, 0)))[:, :x.shape[1]] * w[k]
+  return out + params['conv_1d']['b']
+
+
+def _temporal_params():
+  return {'conv_1d': {'w': jax.random.normal(jax.random.key(0), (4, 8)), 'b': jnp.zeros(8)},
+          'proj': {'w': jax.random.normal(jax.random.key(1), (8, 8))}}
+
+
+def test_kernel_without_a_contraction_is_refused_naming_its_consumer():
+  params, x = _temporal_params(), jnp.ones((2, 5, 8))
+  with pytest.raises(ValueError, match=re.escape(
+      "Kernel 'conv_1d/w' (shape (4, 8)) is selected for an adapter, but fn consumes it at "
+      "primitive 'mul', not in a contraction")):
+    lj.make_spec(params, [('conv_1d/w', {'rank': 2})], fn=_temporal_conv, args=(x,))
+  # Told the axes, it is adapted (and lora(fn) materializes it, with a warning saying so).
+  spec = lj.make_spec(params, [('conv_1d/w', {'rank': 2, 'in_axes': 0, 'out_axes': 1})],
+                      fn=_temporal_conv, args=(x,))
+  assert _leaves(spec)['conv_1d/w'].in_axes == (0,)
+  # Inside a jitted sub-function the consumer is the op in the body.
+  jitted = lambda p, x: jax.jit(_temporal_conv)(p, x)
+  with pytest.raises(ValueError, match="at primitive 'mul'"):
+    lj.make_spec(params, [('conv_1d/w', {'rank': 2})], fn=jitted, args=(x,))
+  # Leaves fn does not use are not refused (nothing says how they are used).
+  spec = lj.make_spec(params, [('proj/w', {'rank': 2})], fn=_temporal_conv, args=(x,))
+  assert _leaves(spec)['proj/w'].out_axes == (1,)
+
+
+def test_assumed_2d_layout_warns_once_per_call():
+  params = _temporal_params()
+  with pytest.warns(lj.AxesAssumedWarning, match=re.escape(
+      "assumed the layout (in, out) for the 2-D kernels 'conv_1d/w', 'proj/w'.")) as record:
+    lj.make_spec(params, [('/w$', {'rank': 2})])
+  assert len([w for w in record if issubclass(w.category, lj.AxesAssumedWarning)]) == 1
+  assert "fn=" in str(record[0].message) and 'in_axes' in str(record[0].message)
+
+
+@pytest.mark.filterwarnings('error::lorax_jax.AxesAssumedWarning')
+def test_no_layout_warning_when_the_layout_is_known(net):
+  _, params, _ = net
+  # Flax's names say the layout: 'kernel' (in, out) and 'embedding' (vocab, features).
+  lj.make_spec(params, [('mlp/kernel|head/kernel|embedding', {'rank': 2})])
+  lj.make_spec(_temporal_params(), [('proj/w', {'rank': 2, 'in_axes': 0})])   # told
+  lj.make_spec({'w': jnp.ones((8, 8))}, [('w', {'rank': 2})], fn=lambda p, x: x @ p['w'],
+               args=(jnp.ones((2, 8)),))                                        # inferred

@@ -7,7 +7,7 @@ broadcast layout (see `lorax_jax.layout`). Each primitive the interpreter knows 
 higher-order, and its axis inference for `infer_axes`), in the module of its group:
 
   dot_general    contracting over all in-axes (or all out-axes: a tied embedding as a head)
-  conv           A as a conv with the kernel's window, B as a 1x1 conv
+  conv           A as a conv with the kernel's window, B as a 1x1 conv (grouped: both grouped)
   gather         rows of A (an embedding lookup), then @ B
   moves          transpose, reshape, unit axes, slices, casts, copies: act on the pieces
   higher_order   jit, calls, checkpoint, scan, while, cond: bodies re-traced when an adapted
@@ -15,8 +15,9 @@ higher-order, and its axis inference for `infer_axes`), in the module of its gro
 
 A quantized base leaf (`lorax_jax.quant.QuantizedArray`, adapted or not) is a `QuantW`
 (`quantw`): ops that only move its axes are recorded, and it is dequantized by the op that
-consumes it. Anything else materializes W + dW with a `MaterializeWarning` naming the primitive
-and the path; `strict=True` (or the environment variable `LORAX_JAX_STRICT=1`) raises instead.
+consumes it. Anything else materializes W + dW with a `MaterializeWarning` naming the primitive,
+the path and, where a rule declines (`base.decline`), why; `strict=True` (or the environment
+variable `LORAX_JAX_STRICT=1`) raises instead.
 Calibration (`capture_inputs`) runs the same interpreter with probes (`capture`). Primitive
 names that differ between JAX releases are in `compat`.
 """

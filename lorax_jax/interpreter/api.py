@@ -109,6 +109,15 @@ def infer_axes(fn: Callable, params: Any, *args, **kwargs
   iterates over is a batch (stacked) axis. Leaves that `fn` does not feed to a dot, conv or
   gather (biases, norms) are left out.
   """
+  return infer_usage(fn, params, *args, **kwargs)[0]
+
+
+def infer_usage(fn: Callable, params: Any, *args, **kwargs
+                ) -> tuple[dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]],
+                           dict[str, str]]:
+  """`infer_axes`'s axes, and `{path: primitive}` for the leaves it found none for that `fn`
+  consumes: the primitive where the leaf's (first) use ends, e.g. `'mul'` for a weight used
+  elementwise. Leaves that `fn` does not use are in neither."""
   leaf_paths = {}
   closed, _, kps, _ = trace(fn, (params,) + tuple(args), kwargs)
   tracks = {}
@@ -128,4 +137,5 @@ def infer_axes(fn: Callable, params: Any, *args, **kwargs
     if ins & outs or batch & (ins | outs) or not ins or not outs:
       continue
     out[path] = (tuple(sorted(batch)), tuple(sorted(ins)), tuple(sorted(outs)))
-  return out
+  consumers = {p: name for p, name in usage.consumer.items() if p not in out}
+  return out, consumers

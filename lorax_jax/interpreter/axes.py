@@ -35,11 +35,13 @@ def reshape_axes(axes, old, new):
 
 
 class Usage:
-  """What the walk learned: the first consumer's axes per path, and the axes scans iterate."""
+  """What the walk learned: the first consumer's axes per path, the axes scans iterate, and the
+  primitive where each path's first track ended (`consumer`: the op that consumes it)."""
 
   def __init__(self):
     self.first: dict[str, tuple[set, set, set]] = {}
     self.scanned: dict[str, set] = {}
+    self.consumer: dict[str, str] = {}   # path -> the primitive where its first track ended
 
   def record(self, path, batch, ins, outs) -> None:
     if path not in self.first:
@@ -64,6 +66,10 @@ class Usage:
           self.walk_into(subs[0], ins)
       if out is not None and out[1] is not None and len(eqn.outvars) == 1:
         tracks[eqn.outvars[0]] = out
+      else:   # the track ends here (a body walked into has named its own consumer first)
+        for t in ins:
+          if t is not None:
+            self.consumer.setdefault(t[0], eqn.primitive.name)
 
 
 def same(eqn, ins, usage):

@@ -2,9 +2,11 @@
 
 A `PrimitiveRule` says everything the package knows about one primitive:
 
-  factored      `(eqn, invals, ctx) -> outputs | None` when an adapted kernel (`LowRank`) or a
-                quantized leaf (`QuantW`) flows in; None falls back to materializing W + dW
-                (with a `MaterializeWarning`, or `MaterializeError` in strict mode).
+  factored      `(eqn, invals, ctx) -> outputs | None | Declined` when an adapted kernel
+                (`LowRank`) or a quantized leaf (`QuantW`) flows in; None falls back to
+                materializing W + dW (with a `MaterializeWarning`, or `MaterializeError` in
+                strict mode), and `decline(why)` does too, with `why` (what about this use
+                prevents a factored form) in the message.
   moves_axes    the op only moves, casts or annotates its operand: on a bare quantized leaf it
                 is recorded, and the leaf is dequantized later by the op that consumes it.
   quant         `(eqn, invals) -> outputs | None` for a bare quantized leaf, where that needs
@@ -23,7 +25,7 @@ module of its group (or a module of its own listed in `interpreter.rules`).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 from lorax_jax.interpreter import compat
 
@@ -40,6 +42,17 @@ class PrimitiveRule:
   higher_order: bool = False
   infer: Optional[Infer] = None
   quant: Optional[Callable[[Any, list], Optional[list]]] = None
+
+
+class Declined(NamedTuple):
+  """What a `factored` rule returns where it does not apply: `why`, for the warning."""
+  why: str
+
+
+def decline(why: str) -> Declined:
+  """The return value of a `factored` rule that does not apply to this use, saying why (e.g.
+  `'feature_group_count=2 has no factored rule'`)."""
+  return Declined(why)
 
 
 _RULES: dict[str, PrimitiveRule] = {}

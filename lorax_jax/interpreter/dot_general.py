@@ -16,7 +16,7 @@ from lorax_jax.interpreter.values import LowRank, add_scaled, dropout, scale_at
 def factored(eqn, invals, ctx):
   lhs, rhs = invals
   if isinstance(lhs, LowRank) and isinstance(rhs, LowRank):
-    return None
+    return base.decline('both operands are adapted kernels')
   (lc, rc), (lb, rb) = eqn.params['dimension_numbers']
   on_left = isinstance(lhs, LowRank)
   v, x = (lhs, rhs) if on_left else (rhs, lhs)
@@ -24,14 +24,16 @@ def factored(eqn, invals, ctx):
   vb, xb = (lb, rb) if on_left else (rb, lb)
   kinds = v.kinds
   contracted = {kinds[d] for d in vc}
-  if len(contracted) != 1 or contracted == {'b'}:
-    return None
+  if len(contracted) != 1 or contracted == {'b'} or sorted(vc) != [
+      d for d, k in enumerate(kinds) if k == next(iter(contracted))]:
+    return base.decline(
+        f'it contracts the kernel axes {tuple(vc)} of kinds {kinds} (i: in, o: out, b: batch); '
+        'a factored form needs exactly all in-axes or all out-axes contracted')
   cg = contracted.pop()   # the contracted group
   f = 'o' if cg == 'i' else 'i'
-  if sorted(vc) != [d for d, k in enumerate(kinds) if k == cg]:
-    return None
   if sorted(vb) != [d for d, k in enumerate(kinds) if k == 'b']:
-    return None
+    return base.decline(f'its batch dimensions {tuple(vb)} are not the kernel\'s batch axes '
+                        f'(kinds {kinds})')
   if v.capture:
     return _capture(eqn, v, x, on_left, vc, xc, vb, xb, ctx) if cg == 'i' else None
   precision = eqn.params.get('precision')

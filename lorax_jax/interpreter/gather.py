@@ -22,11 +22,12 @@ def factored(eqn, invals, ctx):
   kinds = v.kinds
   n = len(kinds)
   if dn.operand_batching_dims or 'b' in kinds:
-    return None
+    return base.decline('a gather from a stacked (batch-axis) kernel has no factored rule')
   outs = [d for d in range(n) if kinds[d] == 'o']
   if any(d in dn.collapsed_slice_dims or d in dn.start_index_map or
          p['slice_sizes'][d] != v.w.shape[d] for d in outs):
-    return None
+    return base.decline(f'it indexes or slices the kernel\'s out-axes {tuple(outs)}; an '
+                        'embedding lookup (rows of A, then @ B) indexes in-axes only')
   y = bind_quant(eqn, [v.w, idx])
   out_rank = y.ndim
   r = v.a.shape[-1]

@@ -55,7 +55,7 @@ def _scan(eqn, invals, ctx):
   closed = p['jaxpr']
   nc, ncar = p['num_consts'], p['num_carry']
   consts, carry, xs = invals[:nc], invals[nc:nc + ncar], invals[nc + ncar:]
-  carry = [materialize(c, ctx, 'scan carry') for c in carry]
+  carry = [materialize(c, ctx, 'scan carry (a carried kernel may change per step)') for c in carry]
   packed, kinds = [], []
   for x in xs:
     if isinstance(x, QuantW) and not x.ops and quant.scannable(x.q):
@@ -118,7 +118,7 @@ def _while(eqn, invals, ctx):
   p = eqn.params
   cn, bn = p['cond_nconsts'], p['body_nconsts']
   cconsts, bconsts, init = invals[:cn], invals[cn:cn + bn], invals[cn + bn:]
-  init = [materialize(c, ctx, 'while carry') for c in init]
+  init = [materialize(c, ctx, 'while carry (a carried kernel may change per step)') for c in init]
   cj, bj = p['cond_jaxpr'], p['body_jaxpr']
   if ctx.stats is not None:   # a calibration capture: statistics cannot leave these bodies
     ctx = ctx.child(ctx.rng, False)
@@ -150,7 +150,7 @@ def _cond(eqn, invals, ctx):
 
   def make(br):
     return lambda *args: materialize_all(eval_jaxpr(br.jaxpr, br.consts, list(args), ctx), ctx,
-                                         'cond output')
+                                         'cond output (a kernel returned by a branch)')
 
   return list(jax.lax.switch(index, [make(b) for b in branches], *ops))
 

@@ -46,13 +46,15 @@ def _reshape(eqn, invals, ctx):
     return None
   new = tuple(eqn.params['new_sizes'])
   groups = layout.reshape_groups(v.w.shape, new)
+  mixes = base.decline(f'the reshape from {tuple(v.w.shape)} to {new} mixes axes of different '
+                       f'kinds {v.kinds} (i: in, o: out, b: batch)')
   if groups is None:
-    return None
+    return mixes
   kinds = [None] * len(new)
   for gi, gj in groups:
     ks = {v.kinds[q] for q in gi if v.w.shape[q] != 1} or {v.kinds[gi[0]]}
     if len(ks) != 1:
-      return None
+      return mixes
     for q in gj:
       kinds[q] = next(iter(ks))
   return [_regroup(eqn, v, kinds, new)]
@@ -83,7 +85,8 @@ def _broadcast_in_dim(eqn, invals, ctx):
   shape, dims = tuple(eqn.params['shape']), tuple(eqn.params['broadcast_dimensions'])
   if list(dims) != sorted(dims) or tuple(shape[d] for d in dims) != v.w.shape or any(
       shape[q] != 1 for q in range(len(shape)) if q not in dims):
-    return None
+    return base.decline(f'it broadcasts the kernel to {shape}; only unit-axis insertions '
+                        '(expand_dims, w[None]) have a factored form')
   kinds, last = [], None
   for q in range(len(shape)):
     if q in dims:
@@ -94,10 +97,22 @@ def _broadcast_in_dim(eqn, invals, ctx):
   return [_regroup(eqn, v, kinds, shape)]
 
 
+def _broadcast_in_dim_axes(eqn, ins, usage):
+  """Unit-axis insertions keep the track (the new axes span no parameter axis)."""
+  path, ax = ins[0]
+  shape, dims = tuple(eqn.params['shape']), tuple(eqn.params['broadcast_dimensions'])
+  if len(ins) != 1 or list(dims) != sorted(dims) or any(
+      shape[q] != 1 for q in range(len(shape)) if q not in dims) or any(
+          shape[d] != s for d, s in zip(dims, eqn.invars[0].aval.shape)):
+    return None
+  return (path, tuple(ax[dims.index(q)] if q in dims else () for q in range(len(shape))))
+
+
 def _drop_unit_axes(eqn, v: LowRank, dims):
   kinds = tuple(k for d, k in enumerate(v.kinds) if d not in dims)
   if 'i' not in kinds or 'o' not in kinds:
-    return None
+    return base.decline(f'dropping the kernel axes {tuple(dims)} (kinds {v.kinds}) leaves no '
+                        'in-axis or no out-axis')
   sq = lambda arr: jnp.squeeze(arr, dims)
   return [v.move(sq, sq, w=bind_on_w(eqn, v.w), kinds=kinds)]
 
@@ -118,8 +133,19 @@ def _reduce_sum(eqn, invals, ctx):
   (v,) = invals
   dims = tuple(d % v.w.ndim for d in eqn.params['axes'])
   if any(v.w.shape[d] != 1 for d in dims):
-    return None
+    return base.decline(f'it sums the kernel over its axes {dims} (kinds {v.kinds}); only sums '
+                        'over unit axes have a factored form')
   return _drop_unit_axes(eqn, v, dims)
+
+
+def _reduce_sum_axes(eqn, ins, usage):
+  """A sum over unit axes keeps the track (a squeeze); a real sum ends it."""
+  path, ax = ins[0]
+  shape = eqn.invars[0].aval.shape
+  dims = {d % len(ax) for d in eqn.params['axes']}
+  if any(shape[d] != 1 for d in dims):
+    return None
+  return (path, tuple(a for d, a in enumerate(ax) if d not in dims))
 
 
 def _slice(eqn, invals, ctx):
@@ -188,8 +214,9 @@ for _rule in (
     _R('transpose', factored=_transpose, moves_axes=True, infer=_transpose_axes),
     _R('reshape', factored=_reshape, moves_axes=True, infer=_reshape_axes),
     _R('squeeze', factored=_squeeze, moves_axes=True, infer=_squeeze_axes),
-    _R('broadcast_in_dim', factored=_broadcast_in_dim, moves_axes=True),
-    _R('reduce_sum', factored=_reduce_sum, moves_axes=True),
+    _R('broadcast_in_dim', factored=_broadcast_in_dim, moves_axes=True,
+       infer=_broadcast_in_dim_axes),
+    _R('reduce_sum', factored=_reduce_sum, moves_axes=True, infer=_reduce_sum_axes),
     _R('slice', factored=_slice, moves_axes=True, infer=axes.same, quant=_slice_quant),
     _R('dynamic_slice', factored=_dynamic_slice, infer=axes.same, quant=_dynamic_slice_quant),
     _R('convert_element_type', factored=_passthrough, moves_axes=True, infer=axes.same),
