@@ -34,10 +34,12 @@ every global batch, all write the checkpoint together, and process 0 prints and 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
+import sys
 import tempfile
 import time
 from typing import Any, NamedTuple
@@ -58,7 +60,9 @@ from lorax_jax import metrics as metrics_lib
 from lorax_jax import sharding as sharding_lib
 from lorax_jax import spec_json
 
+from experiments import stop_signals
 from experiments import tasks
+from experiments import workdir_lock
 
 METHODS = ('lora', 'full', 'head')
 
@@ -546,10 +550,13 @@ class Trained(NamedTuple):
   step_memory: dict[str, Any]
 
 
-def loop(run: Run, ckpts: ckpt_lib.Checkpoints) -> Trained:
-  """Trains `run` from its start to `config.train.steps`, checkpointing into `ckpts`.
+def loop(run: Run, ckpts: ckpt_lib.Checkpoints,
+         stop: stop_signals.StopRequests | None = None) -> Trained:
+  """Trains `run` from its start to `config.train.steps`, checkpointing into `ckpts`; when
+  `stop` records a signal, the step in progress ends with a checkpoint and the run stops.
 
   Raises:
+    stop_signals.Interrupted: after the checkpoint of a stop `stop` recorded.
     ValueError: for a loss or adapters that become NaN or infinite (the message names the step;
       the last good checkpoint is kept).
   """
@@ -603,12 +610,15 @@ def loop(run: Run, ckpts: ckpt_lib.Checkpoints) -> Trained:
     if done % t.eval_every == 0 or done == t.steps:
       writer.write(done, {first: _host(metric(state.params, state.adapters,
                                               *eval_sets[first]))})
-    if (done % t.checkpoint_every == 0 or done == t.steps) and not _host(
+    stopping = stop is not None and stop.requested is not None and done < t.steps
+    if (done % t.checkpoint_every == 0 or done == t.steps or stopping) and not _host(
         all_finite(state.adapters)):
       raise ValueError(f'Adapters became NaN or infinite at step {done}; training stopped. The '
                        f'last good checkpoint (step {max(ckpts.steps(), default=0)}) is kept in '
                        f'{ckpts.directory}.')
-    ckpts.save_run(done, run.run_state(state), run.metadata, force=done == t.steps)
+    ckpts.save_run(done, run.run_state(state), run.metadata, force=done == t.steps or stopping)
+    if stopping:
+      raise stop_signals.Interrupted(stop.requested, done, ckpts.directory)
   progress.close()
   return Trained(state, step_times, reshaped_at, step_memory)
 
@@ -654,13 +664,18 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   Raises:
     ValueError: for a bad config, a checkpoint that does not fit the model, or a loss that
       becomes NaN or infinite (the message names the step; the last good checkpoint is kept).
+    workdir_lock.WorkdirLocked: if another trainer runs in `workdir` (it names the pid).
+    stop_signals.Interrupted: on SIGTERM / SIGINT, after the step in progress and a checkpoint.
   """
   dyn = _check(config)
-  with ckpt_lib.Checkpoints(os.path.join(workdir, 'checkpoints'), config.train.checkpoint_every,
-                            config.train.max_to_keep) as ckpts:
+  # One trainer per workdir (process 0 locks for all processes of a multi-process run).
+  lock = workdir_lock.hold(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
+  with lock, stop_signals.StopRequests() as stop, ckpt_lib.Checkpoints(
+      os.path.join(workdir, 'checkpoints'), config.train.checkpoint_every,
+      config.train.max_to_keep) as ckpts:
     run = setup(config, workdir, ckpts, dyn)
-    trained = loop(run, ckpts)
-  return report(run, trained, workdir)
+    trained = loop(run, ckpts, stop)
+    return report(run, trained, workdir)
 
 
 def summary(results: dict[str, Any]) -> str:
@@ -714,7 +729,11 @@ def main(argv):
   del argv
   initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                          _DISTRIBUTED.value)
-  results = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  try:
+    results = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except (workdir_lock.WorkdirLocked, stop_signals.Interrupted) as e:
+    print(e, file=sys.stderr, flush=True)   # a state to report, not a bug: no traceback
+    sys.exit(e.exit_code)
   if jax.process_index() == 0:
     print(summary(results))
 
