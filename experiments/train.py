@@ -19,7 +19,9 @@ With no flags it runs the default config (a tiny ViT pretrained on digits 0-4, L
      `lorax_jax.checkpoints`); data order and dropout keys are functions of the step, so a
      killed run resumes where its last checkpoint left it, from the checkpoint alone (only the
      frozen base is obtained again), and ends with the same numbers; a NaN/inf loss stops the
-     run with an error naming the step;
+     run with an error naming the step; SIGTERM or SIGINT ends the step in progress, saves a
+     checkpoint and exits with status 128 + signal (`stop_signals`); one trainer at a time per
+     workdir (`workdir_lock`: a second one exits with status 2, naming the holder's pid);
   5. metrics as JSON lines and TensorBoard events in the workdir, `results.json` at the end (the
      `base_*` metrics are the model at step 0: the base, or the residual base with its initial
      adapters, which equals it; with `quant`, the quantized model).

@@ -454,21 +454,22 @@ def test_second_trainer_in_a_locked_workdir_exits_2_and_sigkill_releases_the_loc
 
 
 @pytest.mark.slow
-def test_sigterm_stops_the_trainer_after_its_step_with_a_checkpoint(tmp_path):
+@pytest.mark.parametrize('sig', [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_stops_the_trainer_after_its_step_with_a_checkpoint(tmp_path, sig):
   env = helpers.subprocess_env()
   dir_, cache = str(tmp_path / 'run'), str(tmp_path / 'bases')
   proc = subprocess.Popen(_long_cmd(dir_, cache), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                           stderr=subprocess.PIPE, text=True)
   try:
     _wait_for(lambda: _has_loss(dir_), proc, 'a training step')
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     err = proc.communicate(timeout=300)[1]
   finally:
     proc.kill()
-  assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+  assert proc.returncode == 128 + sig, err[-3000:]
   steps = [int(d) for d in os.listdir(os.path.join(dir_, 'checkpoints')) if d.isdigit()]
   # The interval is never reached (orbax also keeps the first step's).
-  assert f'Stopped by SIGTERM; checkpoint of step {max(steps)} saved' in err
+  assert f'Stopped by {sig.name}; checkpoint of step {max(steps)} saved' in err
   assert 'Traceback' not in err and not os.path.exists(os.path.join(dir_, 'results.json'))
   with workdir_lock.hold(dir_):
     pass
