@@ -189,6 +189,7 @@ class _Stop:
 
   def __init__(self, running):
     self.running, self.signum, self._previous = running, None, {}
+    self._termed = set()   # a trainer's second SIGTERM would stop it without a checkpoint
 
   def _handle(self, signum, frame):
     del frame
@@ -197,7 +198,8 @@ class _Stop:
 
   def kill(self, sig) -> None:
     for proc, _ in list(self.running.values()):
-      if proc.poll() is None:
+      if proc.poll() is None and not (sig == signal.SIGTERM and proc.pid in self._termed):
+        self._termed.add(proc.pid)
         try:
           os.killpg(proc.pid, sig)   # the trial's group: the trainer and anything it started
         except (ProcessLookupError, PermissionError):
@@ -287,7 +289,8 @@ def _run_trials(config_path, workdir, base_dir, queue, running, status, env, wor
       tdir = os.path.join(workdir, 'trials', name)
       if proc.returncode == 0 and os.path.exists(os.path.join(tdir, 'results.json')):
         status[name] = 'done'
-      elif proc.returncode in _STOPPED:
+      elif proc.returncode in _STOPPED or (stop.signum is not None and
+                                           proc.returncode == -signal.SIGKILL):   # 2nd signal
         status[name] = 'interrupted'
         with open(os.path.join(tdir, 'interrupted.txt'), 'w') as f:
           f.write(f'exit code {proc.returncode}\n{_tail(os.path.join(tdir, "log.txt"), 3)}')
