@@ -52,6 +52,7 @@ from absl import logging
 import flax
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
 from ml_collections import config_flags
 import numpy as np
 import optax
@@ -544,6 +545,15 @@ def _start_state(run: Run, ckpts: ckpt_lib.Checkpoints, params):
   return state, run.shardings_of(got.adapters, params), start
 
 
+def _stop_requested(stop: stop_signals.StopRequests | None) -> int | None:
+  """The signal `stop` recorded, agreed by every process (a signal may reach them during
+  different steps; all must stop after the same one, since they save it together)."""
+  requested = None if stop is None else stop.requested
+  if jax.process_count() == 1:
+    return requested
+  return int(np.max(multihost_utils.process_allgather(np.int32(requested or 0)))) or None
+
+
 class Trained(NamedTuple):
   """What `loop` gives `report`: the final state and the loop's own figures."""
   state: lj.TrainState
@@ -612,7 +622,8 @@ def loop(run: Run, ckpts: ckpt_lib.Checkpoints,
     if done % t.eval_every == 0 or done == t.steps:
       writer.write(done, {first: _host(metric(state.params, state.adapters,
                                               *eval_sets[first]))})
-    stopping = stop is not None and stop.requested is not None and done < t.steps
+    requested = _stop_requested(stop) if done < t.steps else None
+    stopping = requested is not None
     if (done % t.checkpoint_every == 0 or done == t.steps or stopping) and not _host(
         all_finite(state.adapters)):
       raise ValueError(f'Adapters became NaN or infinite at step {done}; training stopped. The '
@@ -620,7 +631,7 @@ def loop(run: Run, ckpts: ckpt_lib.Checkpoints,
                        f'{ckpts.directory}.')
     ckpts.save_run(done, run.run_state(state), run.metadata, force=done == t.steps or stopping)
     if stopping:
-      raise stop_signals.Interrupted(stop.requested, done, ckpts.directory)
+      raise stop_signals.Interrupted(requested, done, ckpts.directory)
   progress.close()
   return Trained(state, step_times, reshaped_at, step_memory)
 
