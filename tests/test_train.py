@@ -9,6 +9,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -473,3 +474,30 @@ def test_a_signal_stops_the_trainer_after_its_step_with_a_checkpoint(tmp_path, s
   assert 'Traceback' not in err and not os.path.exists(os.path.join(dir_, 'results.json'))
   with workdir_lock.hold(dir_):
     pass
+
+
+@pytest.mark.slow
+def test_a_signal_to_one_process_of_two_stops_both_after_the_same_step(tmp_path):
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    port = s.getsockname()[1]
+  env = helpers.subprocess_env(4, JAX_PLATFORMS='cpu')
+  dir_, cache = str(tmp_path / 'run'), str(tmp_path / 'bases')
+  procs = [subprocess.Popen(
+      _long_cmd(dir_, cache) + ['--coordinator_address', f'127.0.0.1:{port}',
+                                '--num_processes', '2', '--process_id', str(i)],
+      cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+           for i in range(2)]
+  try:
+    _wait_for(lambda: _has_loss(dir_), procs[0], 'a training step')   # process 0 writes it
+    procs[1].send_signal(signal.SIGTERM)     # only the other one is told
+    errs = [p.communicate(timeout=300)[1] for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  assert [p.returncode for p in procs] == [128 + signal.SIGTERM] * 2, errs[0][-2000:] + errs[1][
+      -2000:]
+  saved = [re.search(r'checkpoint of step (\d+) saved', e).group(1) for e in errs]
+  assert saved[0] == saved[1]
+  assert int(saved[0]) == max(int(d) for d in os.listdir(os.path.join(dir_, 'checkpoints'))
+                              if d.isdigit())
