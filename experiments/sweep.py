@@ -15,6 +15,11 @@ error.
   `DIR/trials/<name>/error.txt`) and the sweep goes on.
 - Rerunning skips finished trials (their `results.json` exists) and resumes interrupted ones
   from their checkpoints.
+- Every trial runs in a process group of its own. SIGTERM or SIGINT (Ctrl-C) of the sweep
+  forwards SIGTERM to each running trial's group: the trainer finishes its step, saves a
+  checkpoint and exits, recorded as 'interrupted' (`DIR/trials/<name>/interrupted.txt`); a
+  rerun resumes them. A second signal kills the trials at once. On Linux a trial dies with the
+  sweep (SIGKILL of the sweep included), and a trainer refuses a workdir another one holds.
 - `--print_commands` writes one shell command per trial instead of running them, for any
   scheduler (the workers of a TPU pod slice, a SLURM array, a job queue); then
   `--gather_only` collects what they wrote.
@@ -27,14 +32,19 @@ error.
 from __future__ import annotations
 
 import csv
+import ctypes
+import ctypes.util
 import dataclasses
+import functools
 import importlib.util
 import json
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
+import threading
 import time
 from typing import Any
 
@@ -143,11 +153,81 @@ def _tail(path: str, lines: int = 20) -> str:
     return ''
 
 
+# Exit statuses of a trainer that a signal stopped: its own clean stop (128 + signal number,
+# `experiments.stop_signals`), or the signal's default action before its handler was installed.
+_STOPPED = {128 + signal.SIGTERM, 128 + signal.SIGINT, -signal.SIGTERM, -signal.SIGINT}
+
+
+def _libc():
+  """The C library (loaded in the sweep: a child between fork and exec should not dlopen)."""
+  return ctypes.CDLL(ctypes.util.find_library('c') or None, use_errno=True)
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(libc, sweep_pid: int) -> None:
+  """In a trial's process, before exec: SIGKILL when the sweep dies (Linux), so that a killed
+  sweep leaves no trainer training on. The kernel delivers it whatever the trainer is doing
+  (a watchdog thread polling `os.getppid()` needs a live interpreter, the GIL, and a poll
+  interval, and the trainer's own code to start it). The setting survives exec; a sweep that
+  died before it took effect is caught by the parent check.
+
+  The death signal follows the sweep's thread that started the trial: `run` starts them all
+  from the thread it runs in.
+  """
+  if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+    return   # no death signal: the sweep's own cleanup still stops its trials
+  if os.getppid() != sweep_pid:
+    os._exit(1)   # pylint: disable=protected-access
+
+
+class _Stop:
+  """The sweep's SIGTERM / SIGINT handler while it runs trials: the first signal stops starting
+  trials and forwards SIGTERM to every running trial's process group (each trainer finishes its
+  step, checkpoints and exits); a second one SIGKILLs them."""
+
+  def __init__(self, running):
+    self.running, self.signum, self._previous = running, None, {}
+    self._termed = set()   # a trainer's second SIGTERM would stop it without a checkpoint
+
+  def _handle(self, signum, frame):
+    del frame
+    again, self.signum = self.signum is not None, signum
+    self.kill(signal.SIGKILL if again else signal.SIGTERM)
+
+  def kill(self, sig) -> None:
+    for proc, _ in list(self.running.values()):
+      if proc.poll() is None and not (sig == signal.SIGTERM and proc.pid in self._termed):
+        self._termed.add(proc.pid)
+        try:
+          os.killpg(proc.pid, sig)   # the trial's group: the trainer and anything it started
+        except (ProcessLookupError, PermissionError):
+          pass
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      for s in (signal.SIGTERM, signal.SIGINT):
+        self._previous[s] = signal.signal(s, self._handle)
+    return self
+
+  def __exit__(self, *exc):
+    for s, previous in self._previous.items():
+      signal.signal(s, signal.SIG_DFL if previous is None else previous)
+    self.kill(signal.SIGKILL)   # on every way out, no trial outlives the sweep
+
+
 def run(config_path: str, arg: str | None, workdir: str, workers: int = 1,
         only: str | None = None, extra: dict[str, Any] | None = None,
         out=sys.stderr) -> dict[str, str]:
   """Runs the sweep's unfinished trials, `workers` at a time; returns `{name: status}`
-  (`'done'`, `'skipped'` (finished earlier) or `'failed'`)."""
+  (`'done'`, `'skipped'` (finished earlier), `'failed'`, `'interrupted'` (stopped by a signal,
+  with a checkpoint to resume from) or `'pending'` (not started: the sweep was stopped)).
+
+  Every trial runs in a process group of its own. SIGTERM or SIGINT of the sweep forwards
+  SIGTERM to the running trials and waits for them to checkpoint and exit; a second signal
+  kills them. On Linux a trial also dies with the sweep (SIGKILL of the sweep included).
+  """
   if workers < 1:
     raise ValueError(f'--workers={workers} must be >= 1.')
   todo = trials(config_path, arg, extra)
@@ -168,18 +248,35 @@ def run(config_path: str, arg: str | None, workdir: str, workers: int = 1,
           f'skipped), {len(running)} running, {failed} failed, {len(queue)} queued',
           file=out, flush=True)
 
+  with _Stop(running) as stop:
+    _run_trials(config_path, workdir, base_dir, queue, running, status, env, workers, show,
+                stop)
+  for t in queue:
+    status[t.name] = 'pending'
+  show()
+  return status
+
+
+def _run_trials(config_path, workdir, base_dir, queue, running, status, env, workers, show,
+                stop):
+  """`run`'s loop: starts trials while there are free workers, records them as they end."""
   changed = True
-  while queue or running:
-    while queue and len(running) < workers:
+  while (queue and stop.signum is None) or running:
+    while queue and len(running) < workers and stop.signum is None:
       t = queue.pop(0)
       tdir = os.path.join(workdir, 'trials', t.name)
       os.makedirs(tdir, exist_ok=True)
-      err = os.path.join(tdir, 'error.txt')
-      if os.path.exists(err):
-        os.remove(err)
+      for name in ('error.txt', 'interrupted.txt'):   # of an earlier run
+        if os.path.exists(os.path.join(tdir, name)):
+          os.remove(os.path.join(tdir, name))
       log = open(os.path.join(tdir, 'log.txt'), 'a')
-      running[t.name] = (subprocess.Popen(command(config_path, t, workdir, base_dir), cwd=ROOT,
-                                          env=env, stdout=log, stderr=subprocess.STDOUT), log)
+      running[t.name] = (subprocess.Popen(
+          command(config_path, t, workdir, base_dir), cwd=ROOT, env=env, stdout=log,
+          stderr=subprocess.STDOUT, start_new_session=True,
+          preexec_fn=functools.partial(_die_with_parent, _libc(), os.getpid())
+          if sys.platform.startswith('linux') else None), log)
+      if stop.signum is not None:   # the signal came while this trial was starting
+        stop.kill(signal.SIGTERM)
     if changed:
       show()
       changed = False
@@ -192,13 +289,16 @@ def run(config_path: str, arg: str | None, workdir: str, workers: int = 1,
       tdir = os.path.join(workdir, 'trials', name)
       if proc.returncode == 0 and os.path.exists(os.path.join(tdir, 'results.json')):
         status[name] = 'done'
+      elif proc.returncode in _STOPPED or (stop.signum is not None and
+                                           proc.returncode == -signal.SIGKILL):   # 2nd signal
+        status[name] = 'interrupted'
+        with open(os.path.join(tdir, 'interrupted.txt'), 'w') as f:
+          f.write(f'exit code {proc.returncode}\n{_tail(os.path.join(tdir, "log.txt"), 3)}')
       else:
         status[name] = 'failed'
         with open(os.path.join(tdir, 'error.txt'), 'w') as f:
           f.write(f'exit code {proc.returncode}\n{_tail(os.path.join(tdir, "log.txt"))}')
       changed = True
-  show()
-  return status
 
 
 def _base_dir(config_path, arg, workdir):
@@ -221,8 +321,10 @@ def gather(config_path: str, arg: str | None, workdir: str,
   for t in trials(config_path, arg, extra):
     tdir = os.path.join(workdir, 'trials', t.name)
     cfg_path, res_path = os.path.join(tdir, 'config.json'), os.path.join(tdir, 'results.json')
-    status = 'done' if os.path.exists(res_path) else (
-        'failed' if os.path.exists(os.path.join(tdir, 'error.txt')) else 'pending')
+    status = ('done' if os.path.exists(res_path) else
+              'failed' if os.path.exists(os.path.join(tdir, 'error.txt')) else
+              'interrupted' if os.path.exists(os.path.join(tdir, 'interrupted.txt')) else
+              'pending')
     row = {'name': t.name, 'status': status}
     if os.path.exists(cfg_path):
       with open(cfg_path) as f:
@@ -329,9 +431,12 @@ def main(argv):
     except ImportError:
       print('plots: install matplotlib (pip install "lorax_jax[report]") and run '
             f'python -m experiments.report {workdir}')
-  if not f.gather_only and any(s == 'failed' for s in status.values()):
-    failed = sorted(n for n, s in status.items() if s == 'failed')
-    print(f'failed: {failed} (see trials/<name>/error.txt)')
+  if not f.gather_only and any(s in ('failed', 'interrupted') for s in status.values()):
+    for kind, hint in (('failed', 'see trials/<name>/error.txt'),
+                       ('interrupted', 'rerun the sweep to resume them')):
+      names = sorted(n for n, s in status.items() if s == kind)
+      if names:
+        print(f'{kind}: {names} ({hint})')
     sys.exit(1)
 
 

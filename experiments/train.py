@@ -19,7 +19,9 @@ With no flags it runs the default config (a tiny ViT pretrained on digits 0-4, L
      `lorax_jax.checkpoints`); data order and dropout keys are functions of the step, so a
      killed run resumes where its last checkpoint left it, from the checkpoint alone (only the
      frozen base is obtained again), and ends with the same numbers; a NaN/inf loss stops the
-     run with an error naming the step;
+     run with an error naming the step; SIGTERM or SIGINT ends the step in progress, saves a
+     checkpoint and exits with status 128 + signal (`stop_signals`); one trainer at a time per
+     workdir (`workdir_lock`: a second one exits with status 2, naming the holder's pid);
   5. metrics as JSON lines and TensorBoard events in the workdir, `results.json` at the end (the
      `base_*` metrics are the model at step 0: the base, or the residual base with its initial
      adapters, which equals it; with `quant`, the quantized model).
@@ -34,10 +36,12 @@ every global batch, all write the checkpoint together, and process 0 prints and 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
+import sys
 import tempfile
 import time
 from typing import Any, NamedTuple
@@ -48,6 +52,7 @@ from absl import logging
 import flax
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
 from ml_collections import config_flags
 import numpy as np
 import optax
@@ -58,7 +63,9 @@ from lorax_jax import metrics as metrics_lib
 from lorax_jax import sharding as sharding_lib
 from lorax_jax import spec_json
 
+from experiments import stop_signals
 from experiments import tasks
+from experiments import workdir_lock
 
 METHODS = ('lora', 'full', 'head')
 
@@ -538,6 +545,15 @@ def _start_state(run: Run, ckpts: ckpt_lib.Checkpoints, params):
   return state, run.shardings_of(got.adapters, params), start
 
 
+def _stop_requested(stop: stop_signals.StopRequests | None) -> int | None:
+  """The signal `stop` recorded, agreed by every process (a signal may reach them during
+  different steps; all must stop after the same one, since they save it together)."""
+  requested = None if stop is None else stop.requested
+  if jax.process_count() == 1:
+    return requested
+  return int(np.max(multihost_utils.process_allgather(np.int32(requested or 0)))) or None
+
+
 class Trained(NamedTuple):
   """What `loop` gives `report`: the final state and the loop's own figures."""
   state: lj.TrainState
@@ -546,10 +562,13 @@ class Trained(NamedTuple):
   step_memory: dict[str, Any]
 
 
-def loop(run: Run, ckpts: ckpt_lib.Checkpoints) -> Trained:
-  """Trains `run` from its start to `config.train.steps`, checkpointing into `ckpts`.
+def loop(run: Run, ckpts: ckpt_lib.Checkpoints,
+         stop: stop_signals.StopRequests | None = None) -> Trained:
+  """Trains `run` from its start to `config.train.steps`, checkpointing into `ckpts`; when
+  `stop` records a signal, the step in progress ends with a checkpoint and the run stops.
 
   Raises:
+    stop_signals.Interrupted: after the checkpoint of a stop `stop` recorded.
     ValueError: for a loss or adapters that become NaN or infinite (the message names the step;
       the last good checkpoint is kept).
   """
@@ -603,12 +622,16 @@ def loop(run: Run, ckpts: ckpt_lib.Checkpoints) -> Trained:
     if done % t.eval_every == 0 or done == t.steps:
       writer.write(done, {first: _host(metric(state.params, state.adapters,
                                               *eval_sets[first]))})
-    if (done % t.checkpoint_every == 0 or done == t.steps) and not _host(
+    requested = _stop_requested(stop) if done < t.steps else None
+    stopping = requested is not None
+    if (done % t.checkpoint_every == 0 or done == t.steps or stopping) and not _host(
         all_finite(state.adapters)):
       raise ValueError(f'Adapters became NaN or infinite at step {done}; training stopped. The '
                        f'last good checkpoint (step {max(ckpts.steps(), default=0)}) is kept in '
                        f'{ckpts.directory}.')
-    ckpts.save_run(done, run.run_state(state), run.metadata, force=done == t.steps)
+    ckpts.save_run(done, run.run_state(state), run.metadata, force=done == t.steps or stopping)
+    if stopping:
+      raise stop_signals.Interrupted(requested, done, ckpts.directory)
   progress.close()
   return Trained(state, step_times, reshaped_at, step_memory)
 
@@ -654,13 +677,18 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   Raises:
     ValueError: for a bad config, a checkpoint that does not fit the model, or a loss that
       becomes NaN or infinite (the message names the step; the last good checkpoint is kept).
+    workdir_lock.WorkdirLocked: if another trainer runs in `workdir` (it names the pid).
+    stop_signals.Interrupted: on SIGTERM / SIGINT, after the step in progress and a checkpoint.
   """
   dyn = _check(config)
-  with ckpt_lib.Checkpoints(os.path.join(workdir, 'checkpoints'), config.train.checkpoint_every,
-                            config.train.max_to_keep) as ckpts:
+  # One trainer per workdir (process 0 locks for all processes of a multi-process run).
+  lock = workdir_lock.hold(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
+  with lock, stop_signals.StopRequests() as stop, ckpt_lib.Checkpoints(
+      os.path.join(workdir, 'checkpoints'), config.train.checkpoint_every,
+      config.train.max_to_keep) as ckpts:
     run = setup(config, workdir, ckpts, dyn)
-    trained = loop(run, ckpts)
-  return report(run, trained, workdir)
+    trained = loop(run, ckpts, stop)
+    return report(run, trained, workdir)
 
 
 def summary(results: dict[str, Any]) -> str:
@@ -714,7 +742,11 @@ def main(argv):
   del argv
   initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                          _DISTRIBUTED.value)
-  results = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  try:
+    results = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except (workdir_lock.WorkdirLocked, stop_signals.Interrupted) as e:
+    print(e, file=sys.stderr, flush=True)   # a state to report, not a bug: no traceback
+    sys.exit(e.exit_code)
   if jax.process_index() == 0:
     print(summary(results))
 

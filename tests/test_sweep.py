@@ -7,8 +7,10 @@ import glob
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 
 import jax
 import pytest
@@ -18,6 +20,7 @@ from configs import common
 from experiments import report
 from experiments import sweep
 from experiments import tasks
+from experiments import workdir_lock
 from tests import helpers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -144,6 +147,115 @@ def test_sweep_runs_records_failures_resumes_and_reports(tmp_path):
   assert [os.path.basename(p) for p in paths] == ['metric_vs_params.png', 'metric_vs_rank.png',
                                                   'loss_curves.png']
   assert all(os.path.getsize(p) > 10_000 for p in paths)
+
+
+def _group_alive(pgid: int) -> list[int]:
+  """The live (not zombie) processes of the process group `pgid` (Linux: from /proc)."""
+  alive = []
+  for entry in os.listdir('/proc'):
+    if not entry.isdigit():
+      continue
+    try:
+      with open(f'/proc/{entry}/stat') as f:
+        fields = f.read().rsplit(')', 1)[1].split()
+    except OSError:
+      continue
+    if int(fields[2]) == pgid and fields[0] not in 'ZX':
+      alive.append(int(entry))
+  return alive
+
+
+def _wait_for(predicate, proc, what, timeout=300):
+  deadline = time.time() + timeout
+  while not predicate():
+    assert proc.poll() is None, f'the sweep ended (exit {proc.returncode}) before {what}'
+    assert time.time() < deadline, f'no {what} after {timeout} s'
+    time.sleep(0.05)
+
+
+def _trained_a_step(tdir):
+  path = os.path.join(tdir, 'metrics.jsonl')
+  return os.path.exists(path) and '"loss"' in open(path).read()
+
+
+# Steps enough that no trial ends before the signal (the first loss line comes at step 1).
+LONG = {'base.steps': 20, 'train.steps': 40, 'train.warmup_steps': 1, 'train.eval_every': 20,
+        'train.checkpoint_every': 1000, 'train.log_every': 1}
+
+
+def _sweep_cmd(path, workdir, settings, workers=1):
+  return [sys.executable, '-m', 'experiments.sweep', '--config', path, '--workdir', workdir,
+          f'--workers={workers}'] + [f'--set={k}={v}' for k, v in settings.items()]
+
+
+needs_linux = pytest.mark.skipif(not sys.platform.startswith('linux'),
+                                 reason='process groups and death signals as Linux has them')
+
+
+@pytest.mark.slow
+@needs_linux
+def test_sigterm_of_a_sweep_stops_its_trials_with_checkpoints_and_a_rerun_resumes(tmp_path):
+  # Two identical trials: 'a' is interrupted and resumed, 'b' runs uninterrupted after it.
+  path = _config_file(tmp_path, "  add('a', 'quick,model=cnn')\n  add('b', 'quick,model=cnn')\n")
+  workdir = str(tmp_path / 'sweep')
+  tdir = os.path.join(workdir, 'trials', 'a')
+  proc = subprocess.Popen(_sweep_cmd(path, workdir, LONG), cwd=ROOT, env=helpers.subprocess_env(),
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  try:
+    _wait_for(lambda: _trained_a_step(tdir), proc, "trial a's first step")
+    pid = workdir_lock.holder(tdir)
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=300)[0]
+  finally:
+    proc.kill()
+  assert proc.returncode == 1, out[-3000:]
+  assert "interrupted: ['a'] (rerun the sweep to resume them)" in out
+  assert pid and not _group_alive(pid)        # the trainer was its group's leader
+  assert open(os.path.join(tdir, 'interrupted.txt')).read().startswith('exit code 143\n')
+  steps = [int(d) for d in os.listdir(os.path.join(tdir, 'checkpoints')) if d.isdigit()]
+  assert steps and max(steps) < 40 and not os.path.exists(os.path.join(tdir, 'results.json'))
+  assert not os.path.exists(os.path.join(workdir, 'trials', 'b'))   # never started
+  rows = {r['name']: r['status'] for r in sweep.gather(path, None, workdir, LONG)}
+  assert rows == {'a': 'interrupted', 'b': 'pending'}
+
+  with open(os.devnull, 'w') as devnull:
+    status = sweep.run(path, None, workdir, extra=LONG, out=devnull)
+  assert status == {'a': 'done', 'b': 'done'}
+  assert not os.path.exists(os.path.join(tdir, 'interrupted.txt'))
+  a, b = (json.load(open(os.path.join(workdir, 'trials', n, 'results.json'))) for n in 'ab')
+  assert a['resumed_from'] == max(steps) and b['resumed_from'] == 0
+  for key in ('accuracy', 'accuracy_pretrain_classes', 'base_accuracy'):
+    assert a[key] == b[key], key
+  last = lambda n: [json.loads(l) for l in open(os.path.join(workdir, 'trials', n,
+                                                             'metrics.jsonl')) if '"loss"' in l]
+  assert last('a')[-1] == last('b')[-1]
+
+
+@pytest.mark.slow
+@needs_linux
+def test_sigkill_of_a_sweep_leaves_no_trainer_running(tmp_path):
+  path = _config_file(tmp_path, "  add('a', 'quick,model=cnn')\n  add('b', 'quick,model=cnn')\n")
+  workdir = str(tmp_path / 'sweep')
+  tdirs = [os.path.join(workdir, 'trials', n) for n in 'ab']
+  settings = {**LONG, 'train.steps': 100000}   # trials that never end by themselves
+  proc = subprocess.Popen(_sweep_cmd(path, workdir, settings, workers=2), cwd=ROOT,
+                          env=helpers.subprocess_env(), stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  pids = []
+  try:
+    _wait_for(lambda: all(workdir_lock.holder(d) for d in tdirs), proc, 'both trainers')
+    pids = [workdir_lock.holder(d) for d in tdirs]
+    assert all(_group_alive(p) for p in pids)
+  finally:
+    proc.kill()
+    proc.wait(timeout=60)
+  deadline = time.time() + 30
+  while any(_group_alive(p) for p in pids) and time.time() < deadline:
+    time.sleep(0.05)
+  assert not [_group_alive(p) for p in pids if _group_alive(p)]
+  for d in tdirs:
+    with workdir_lock.hold(d):   # and their workdirs are free
+      pass
 
 
 @pytest.mark.slow

@@ -9,6 +9,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -24,6 +25,7 @@ from configs import decoder_lm
 from configs import minilm_docstrings
 from configs import vit_digits
 from experiments import train
+from experiments import workdir_lock
 import lorax_jax as lj
 from lorax_jax import checkpoints as ckpt_lib
 from lorax_jax import metrics as metrics_lib
@@ -397,3 +399,105 @@ def test_description_round_trip_and_errors():
     ckpt_lib.describe({'x': Unknown()})
   with pytest.raises(ValueError, match="node 'Nope' is not registered"):
     ckpt_lib.build({'node': 'Nope', 'data': {}, 'static': {}})
+
+
+def test_workdir_lock_refuses_a_second_holder_names_its_pid_and_is_released(tmp_path):
+  d = str(tmp_path / 'run')
+  with workdir_lock.hold(d) as path:
+    assert workdir_lock.holder(d) == os.getpid() and path == os.path.join(d, 'trainer.lock')
+    # flock conflicts between open files, also of one process.
+    with pytest.raises(workdir_lock.WorkdirLocked, match=f'in use by process {os.getpid()},'):
+      with workdir_lock.hold(d):
+        pass
+  with workdir_lock.hold(d):   # released on exit
+    pass
+
+
+def _long_cmd(workdir, cache):
+  """A run that does not end by itself in any test's time: it is stopped by a signal."""
+  return _cmd(workdir, cache)[:-4] + ['--config.train.steps=100000', '--config.train.log_every=1',
+                                      '--config.train.checkpoint_every=100000',
+                                      '--config.base.steps=20', f'--config.base.dir={cache}']
+
+
+def _wait_for(predicate, proc, what, timeout=300):
+  deadline = time.time() + timeout
+  while not predicate():
+    assert proc.poll() is None, f'the run ended (exit {proc.returncode}) before {what}'
+    assert time.time() < deadline, f'no {what} after {timeout} s'
+    time.sleep(0.05)
+
+
+def _has_loss(workdir):
+  path = os.path.join(workdir, 'metrics.jsonl')
+  return os.path.exists(path) and '"loss"' in open(path).read()
+
+
+@pytest.mark.slow
+def test_second_trainer_in_a_locked_workdir_exits_2_and_sigkill_releases_the_lock(tmp_path):
+  env = helpers.subprocess_env()
+  dir_, cache = str(tmp_path / 'run'), str(tmp_path / 'bases')
+  first = subprocess.Popen(_long_cmd(dir_, cache), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+  try:
+    _wait_for(lambda: workdir_lock.holder(dir_) == first.pid, first, 'the lock')
+    second = subprocess.run(_long_cmd(dir_, cache), cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert second.returncode == 2, second.stderr[-3000:]
+    assert f'is in use by process {first.pid},' in second.stderr
+    assert 'Traceback' not in second.stderr
+    assert first.poll() is None
+  finally:
+    first.kill()
+    first.wait(timeout=60)
+  with workdir_lock.hold(dir_):   # the kernel released the killed holder's flock
+    pass
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('sig', [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_stops_the_trainer_after_its_step_with_a_checkpoint(tmp_path, sig):
+  env = helpers.subprocess_env()
+  dir_, cache = str(tmp_path / 'run'), str(tmp_path / 'bases')
+  proc = subprocess.Popen(_long_cmd(dir_, cache), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True)
+  try:
+    _wait_for(lambda: _has_loss(dir_), proc, 'a training step')
+    proc.send_signal(sig)
+    err = proc.communicate(timeout=300)[1]
+  finally:
+    proc.kill()
+  assert proc.returncode == 128 + sig, err[-3000:]
+  steps = [int(d) for d in os.listdir(os.path.join(dir_, 'checkpoints')) if d.isdigit()]
+  # The interval is never reached (orbax also keeps the first step's).
+  assert f'Stopped by {sig.name}; checkpoint of step {max(steps)} saved' in err
+  assert 'Traceback' not in err and not os.path.exists(os.path.join(dir_, 'results.json'))
+  with workdir_lock.hold(dir_):
+    pass
+
+
+@pytest.mark.slow
+def test_a_signal_to_one_process_of_two_stops_both_after_the_same_step(tmp_path):
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    port = s.getsockname()[1]
+  env = helpers.subprocess_env(4, JAX_PLATFORMS='cpu')
+  dir_, cache = str(tmp_path / 'run'), str(tmp_path / 'bases')
+  procs = [subprocess.Popen(
+      _long_cmd(dir_, cache) + ['--coordinator_address', f'127.0.0.1:{port}',
+                                '--num_processes', '2', '--process_id', str(i)],
+      cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+           for i in range(2)]
+  try:
+    _wait_for(lambda: _has_loss(dir_), procs[0], 'a training step')   # process 0 writes it
+    procs[1].send_signal(signal.SIGTERM)     # only the other one is told
+    errs = [p.communicate(timeout=300)[1] for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  assert [p.returncode for p in procs] == [128 + signal.SIGTERM] * 2, errs[0][-2000:] + errs[1][
+      -2000:]
+  saved = [re.search(r'checkpoint of step (\d+) saved', e).group(1) for e in errs]
+  assert saved[0] == saved[1]
+  assert int(saved[0]) == max(int(d) for d in os.listdir(os.path.join(dir_, 'checkpoints'))
+                              if d.isdigit())
