@@ -90,6 +90,9 @@ def _check(config) -> lj.dynamics.Dynamics | None:
   for name in ('steps', 'eval_every', 'checkpoint_every', 'log_every'):
     if config.train[name] <= 0:
       raise ValueError(f'train.{name}={config.train[name]} must be > 0.')
+  _check_rate('train.learning_rate', config.train.learning_rate)
+  if config.base.get('steps'):
+    _check_rate('base.learning_rate', config.base.learning_rate)
   if not 0 <= config.train.warmup_steps < config.train.steps:
     raise ValueError(f'train.warmup_steps={config.train.warmup_steps} must be in '
                      f'[0, train.steps={config.train.steps}).')
@@ -103,6 +106,30 @@ def _check(config) -> lj.dynamics.Dynamics | None:
                        f'adapter.variant={config.adapter.variant!r}.')
     dyn.check_rank(config.adapter.rank, None)
   return dyn
+
+
+def _check_rate(name: str, value) -> None:
+  """Refuses a learning rate `value` of config field `name` that is not a finite number > 0."""
+  if isinstance(value, bool) or not isinstance(value, (int, float)):
+    raise ValueError(f'{name}={value!r} must be a number; got a {type(value).__name__}.')
+  if not (np.isfinite(value) and value > 0):
+    raise ValueError(f'{name}={value!r} must be a finite number > 0.')
+
+
+def check_workdir(workdir: str) -> None:
+  """Refuses a `workdir` that is a file, or a directory (or its nearest existing parent) that
+  is not writable, before anything runs."""
+  path = os.path.abspath(workdir)
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise ValueError(f'--workdir {workdir} is a file; allowed: a directory (new or existing).')
+  existing = path
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    raise ValueError(f'--workdir {workdir}: {existing} is a file, not a directory.')
+  if not os.access(existing, os.W_OK | os.X_OK):
+    raise ValueError(f'--workdir {workdir}: {existing} is not writable; allowed: a directory '
+                     'this user can write.')
 
 
 def _host(x) -> float:
@@ -538,6 +565,15 @@ def _start_state(run: Run, ckpts: ckpt_lib.Checkpoints, params):
   return state, run.shardings_of(got.adapters, params), start
 
 
+def _kept(ckpts: ckpt_lib.Checkpoints) -> str:
+  """What a stopped run leaves: its last good checkpoint, or that it has none."""
+  ckpts.wait()
+  steps = ckpts.steps()
+  if not steps:
+    return f'No checkpoint was written (none in {ckpts.directory}).'
+  return f'The last good checkpoint (step {steps[-1]}) is kept in {ckpts.directory}.'
+
+
 class Trained(NamedTuple):
   """What `loop` gives `report`: the final state and the loop's own figures."""
   state: lj.TrainState
@@ -578,9 +614,8 @@ def loop(run: Run, ckpts: ckpt_lib.Checkpoints) -> Trained:
     state, loss = compiled(*state, batch, rng)
     loss = _host(loss)
     if not np.isfinite(loss):
-      raise ValueError(f'Loss became {loss} at step {step + 1}; training stopped. The last good '
-                       f'checkpoint (step {max(ckpts.steps(), default=0)}) is kept in '
-                       f'{ckpts.directory}.')
+      raise ValueError(f'Loss became {loss} at step {step + 1}; training stopped. '
+                       f'{_kept(ckpts)}')
     done = step + 1
     state, reshaped = lj.dynamics.apply_schedule(dyn, done, state, tx)
     step_times.append(time.time() - t0)   # the step and the method's schedule
@@ -603,12 +638,12 @@ def loop(run: Run, ckpts: ckpt_lib.Checkpoints) -> Trained:
     if done % t.eval_every == 0 or done == t.steps:
       writer.write(done, {first: _host(metric(state.params, state.adapters,
                                               *eval_sets[first]))})
-    if (done % t.checkpoint_every == 0 or done == t.steps) and not _host(
-        all_finite(state.adapters)):
-      raise ValueError(f'Adapters became NaN or infinite at step {done}; training stopped. The '
-                       f'last good checkpoint (step {max(ckpts.steps(), default=0)}) is kept in '
-                       f'{ckpts.directory}.')
-    ckpts.save_run(done, run.run_state(state), run.metadata, force=done == t.steps)
+    final = done == t.steps
+    # Before every save (orbax's first one included): no checkpoint holds a non-finite value.
+    if (final or ckpts.should_save(done)) and not _host(all_finite(state.adapters)):
+      raise ValueError(f'Adapters became NaN or infinite at step {done}; training stopped. '
+                       f'{_kept(ckpts)}')
+    ckpts.save_run(done, run.run_state(state), run.metadata, force=final)
   progress.close()
   return Trained(state, step_times, reshaped_at, step_memory)
 
@@ -656,6 +691,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
       becomes NaN or infinite (the message names the step; the last good checkpoint is kept).
   """
   dyn = _check(config)
+  check_workdir(workdir)
   with ckpt_lib.Checkpoints(os.path.join(workdir, 'checkpoints'), config.train.checkpoint_every,
                             config.train.max_to_keep) as ckpts:
     run = setup(config, workdir, ckpts, dyn)

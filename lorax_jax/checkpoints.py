@@ -225,7 +225,7 @@ class Checkpoints:
                force: bool = False) -> bool:
     """Saves the run checkpoint of `run` (schema in the module docstring) with the caller's
     JSON `metadata` at `step` if the interval says so or `force`; returns whether it saved."""
-    if not force and not self._manager.should_save(step):
+    if not force and not self.should_save(step):
       return False
     items = run.items()
     meta = {**metadata, 'schema': SCHEMA, 'items': sorted(items),
@@ -235,6 +235,10 @@ class Checkpoints:
     saved = self._manager.save(step, args=ocp.args.Composite(**args, meta=ocp.args.JsonSave(meta)),
                                force=force)
     return bool(saved)
+
+  def should_save(self, step: int) -> bool:
+    """Whether `save_run(step, ...)` without `force` would write a checkpoint."""
+    return bool(self._manager.should_save(step))
 
   def wait(self) -> None:
     self._manager.wait_until_finished()

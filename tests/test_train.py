@@ -183,12 +183,31 @@ def test_checkpoint_of_another_config_is_refused(tmp_path):
     train.train_and_evaluate(other, str(tmp_path / 'a'))
 
 
+def _nan_schedule(monkeypatch):
+  """A learning rate that becomes NaN (a config's NaN is refused before anything runs)."""
+  monkeypatch.setattr(train, '_base_schedule', lambda config: lambda step: jnp.float32(jnp.nan))
+
+
 @pytest.mark.slow
-def test_nan_stops_training_naming_the_step(tmp_path):
-  c = _config(tmp_path, learning_rate=float('nan'), checkpoint_every=1)
-  with pytest.raises(ValueError, match=re.escape('became NaN or infinite at step 1')):
+@pytest.mark.parametrize('checkpoint_every', [1, 2])
+def test_nan_stops_training_naming_the_step(tmp_path, monkeypatch, checkpoint_every):
+  # With checkpoint_every=2 orbax still writes its first checkpoint at step 1: it is checked too.
+  _nan_schedule(monkeypatch)
+  c = _config(tmp_path, checkpoint_every=checkpoint_every)
+  with pytest.raises(ValueError, match=re.escape('became NaN or infinite at step 1')) as e:
     train.train_and_evaluate(c, str(tmp_path / 'a'))
-  assert not os.path.exists(tmp_path / 'a' / 'checkpoints' / '1')
+  assert 'No checkpoint was written' in str(e.value)
+  assert not glob.glob(str(tmp_path / 'a' / 'checkpoints' / '[0-9]*'))
+
+
+@pytest.mark.parametrize('field,value', [
+    ('learning_rate', float('nan')), ('learning_rate', float('inf')),
+    ('learning_rate', -0.003), ('learning_rate', 0.0)])
+def test_bad_learning_rates_are_refused_before_anything_runs(tmp_path, field, value):
+  c = _config(tmp_path, **{field: value})
+  with pytest.raises(ValueError, match=re.escape(f'train.{field}={value!r} must be a finite')):
+    train.train_and_evaluate(c, str(tmp_path / 'a'))
+  assert not os.path.exists(tmp_path / 'a')
 
 
 @pytest.mark.parametrize('arg,message', [
