@@ -48,7 +48,6 @@ from absl import logging
 import flax
 import jax
 import jax.numpy as jnp
-from ml_collections import config_flags
 import numpy as np
 import optax
 
@@ -58,11 +57,12 @@ from lorax_jax import metrics as metrics_lib
 from lorax_jax import sharding as sharding_lib
 from lorax_jax import spec_json
 
+from experiments import cli
 from experiments import tasks
 
 METHODS = ('lora', 'full', 'head')
 
-_CONFIG = config_flags.DEFINE_config_file(
+_CONFIG = cli.define_config_file(
     'config', os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                            'configs', 'vit_digits.py'), 'Experiment config file (`file.py:arg`).')
 _WORKDIR = flags.DEFINE_string(
@@ -130,6 +130,10 @@ def check_workdir(workdir: str) -> None:
   if not os.access(existing, os.W_OK | os.X_OK):
     raise ValueError(f'--workdir {workdir}: {existing} is not writable; allowed: a directory '
                      'this user can write.')
+  try:
+    os.makedirs(path, exist_ok=True)
+  except OSError as e:
+    raise ValueError(f'--workdir {workdir} cannot be created: {e.strerror or e}.') from None
 
 
 def _host(x) -> float:
@@ -756,4 +760,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main, config_flags=('config',))
