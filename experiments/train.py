@@ -239,6 +239,21 @@ def _rules(config):
       **(a.options.to_dict() if a.get('options') else {}))
 
 
+def check_selection(config, task: tasks.Task, dyn: lj.dynamics.Dynamics | None = None):
+  """The spec of `config`'s selection on the model's abstract parameters (`jax.eval_shape` of
+  its init: nothing is computed), so that an unknown variant or init, a bad rank or bad options
+  are refused in a second, before any base is pretrained or loaded.
+
+  Raises:
+    ValueError: for a selection `make_spec` (or the dynamics method) refuses.
+  """
+  abstract = jax.eval_shape(task.model.init, jax.random.key(config.seed), *task.example)
+  spec = lj.make_spec(abstract, _rules(config), fn=task.model.apply, args=task.example)
+  if dyn is not None:
+    dyn.check(spec, abstract)
+  return spec
+
+
 def _quantizing_init(config) -> bool:
   """Whether the config's init quantizes the base itself (it takes a `quant` option: LoftQ)."""
   init = config.adapter.get('init', 'kaiming') if config.get('adapter') else 'kaiming'
@@ -479,6 +494,7 @@ def setup(config, workdir: str, ckpts: ckpt_lib.Checkpoints,
   task = tasks.make_task(config)
   model = task.model
   t_start = time.time()
+  check_selection(config, task, dyn)   # before any base is pretrained or loaded
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, 'config.json'), 'w') as f:
     f.write(config.to_json_best_effort(indent=2))

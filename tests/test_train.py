@@ -236,6 +236,88 @@ def test_bad_config_arguments(arg, message):
     vit_digits.get_config(arg)
 
 
+def _train_cli(*args, module='experiments.train'):
+  return subprocess.run([sys.executable, '-m', module, *args], cwd=ROOT,
+                        env=helpers.subprocess_env(), capture_output=True, text=True, timeout=300)
+
+
+CLI_ERRORS = [
+    ('missing-config', ['--config', 'configs/nope.py:quick'],
+     "config file 'configs/nope.py' (from --config configs/nope.py:quick) does not exist; "
+     "allowed: a config file with get_config(arg)"),
+    ('misspelled-field', ['--config.train.stepz=10'],
+     "--config.train.stepz: train has no field 'stepz'; did you mean 'steps'? allowed: ["),
+    ('misspelled-section', ['--config', 'configs/vit_digits.py:quick', '--config.trian.steps=3'],
+     "the config has no field 'trian'; did you mean 'train'?"),
+    ('config-argument', ['--config', 'configs/vit_digits.py:quick,rnak=3'],
+     "Unknown config argument 'rnak'; allowed: ["),
+    ('flag-type', ['--config', 'configs/vit_digits.py:quick', '--config.train.steps=abc'],
+     'flag --config.train.steps=abc: invalid literal'),
+    ('unknown-flag', ['--bogus'], "Unknown command line flag 'bogus'"),
+    ('workdir-file', ['--config', 'configs/vit_digits.py:quick', '--workdir', '{file}'],
+     'is a file; allowed: a directory'),
+    ('unknown-model', ['--config', 'configs/vit_digits.py:quick,model=mlp'],
+     "Unknown model 'mlp' for task 'digits'; allowed: ['vit', 'cnn', 'resnet']"),
+    ('unknown-method', ['--config', 'configs/vit_digits.py:quick', '--config.method=magic'],
+     "Unknown method 'magic'; allowed: ['lora', 'full', 'head']"),
+    ('unknown-variant', ['--config', 'configs/vit_digits.py:quick',
+                         '--config.adapter.variant=lorra'], "Unknown variant 'lorra' for"),
+    ('unknown-init', ['--config', 'configs/vit_digits.py:quick', '--config.adapter.init=svd'],
+     "Unknown init 'svd' for"),
+    ('rank-0', ['--config', 'configs/vit_digits.py:quick', '--config.adapter.rank=0'],
+     'rank=0 for'),
+    ('negative-lr', ['--config', 'configs/vit_digits.py:quick',
+                     '--config.train.learning_rate=-0.003'],
+     'train.learning_rate=-0.003 must be a finite number > 0'),
+    ('nan-alpha', ['--config', 'configs/vit_digits.py:quick', '--config.adapter.alpha=nan'],
+     'alpha=nan for'),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('args,message', [c[1:] for c in CLI_ERRORS],
+                         ids=[c[0] for c in CLI_ERRORS])
+def test_cli_errors_exit_2_with_one_message_before_any_work(tmp_path, args, message):
+  (tmp_path / 'f').write_text('')
+  args = [a.format(file=tmp_path / 'f') for a in args]
+  if '--workdir' not in args:
+    args += ['--workdir', str(tmp_path / 'run')]
+  t0 = time.time()
+  p = _train_cli(*args, f'--config.base.dir={tmp_path / "bases"}')
+  assert p.returncode == 2, p.stderr[-3000:]
+  last = p.stderr.strip().splitlines()[-1]
+  assert last.startswith('error: ') and message in last, p.stderr[-3000:]
+  assert 'Traceback' not in p.stderr, p.stderr[-3000:]
+  # Found on the abstract shapes: no base was pretrained, no checkpoint written.
+  assert not os.path.exists(tmp_path / 'bases')
+  assert not glob.glob(str(tmp_path / 'run' / 'checkpoints' / '[0-9]*'))
+  assert time.time() - t0 < 60
+
+
+@pytest.mark.slow
+def test_export_without_a_run_exits_2(tmp_path):
+  p = _train_cli('--config', 'configs/vit_digits.py:quick', '--workdir', str(tmp_path / 'run'),
+                 f'--config.base.dir={tmp_path / "bases"}', '--config.base.steps=2',
+                 module='experiments.export')
+  assert p.returncode == 2 and 'error: No checkpoint in' in p.stderr, p.stderr[-3000:]
+  assert 'Traceback' not in p.stderr
+  p = _train_cli('--config', 'configs/nope.py', module='experiments.export')
+  assert p.returncode == 2 and "config file 'configs/nope.py'" in p.stderr, p.stderr[-3000:]
+
+
+def test_internal_errors_are_not_user_errors():
+  from experiments import cli  # pylint: disable=g-import-not-at-top
+  try:
+    np.zeros(3).reshape(2)   # a ValueError raised inside NumPy: a bug, not bad input
+  except ValueError as e:
+    assert not cli.is_user_error(e)
+  try:
+    train._check_rate('train.learning_rate', -1.0)
+  except ValueError as e:
+    assert cli.is_user_error(e)
+  assert not cli.is_user_error(KeyError('x'))
+
+
 def test_parse_arg_types():
   a = common.parse_arg('quick,rank=4,lr=0.5', quick=False, rank=8, lr=1.0, name='x')
   assert (a.quick, a.rank, a.lr, a.name) == (True, 4, 0.5, 'x')
