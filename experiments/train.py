@@ -378,19 +378,46 @@ def make_optimizer(config, schedule: optax.Schedule | None = None
                       weight_decay=t.weight_decay)
 
 
+def _flat_config(config) -> dict[str, Any]:
+  """`{'train.steps': 600, ...}`: the math config's fields as JSON values, dotted keys."""
+  out = {}
+
+  def walk(prefix, d):
+    for k, v in d.items():
+      if isinstance(v, dict):
+        walk(f'{prefix}{k}.', v)
+      else:
+        out[f'{prefix}{k}'] = json.loads(json.dumps(v, default=str))
+  walk('', _math_config(config))
+  return out
+
+
 def checkpoint_metadata(config, base_path: str) -> dict[str, Any]:
-  """What a checkpoint records to refuse restoring into another config or base."""
+  """What a checkpoint records to refuse restoring into another config or base (the digest
+  decides; the fields name what differs)."""
   return dict(config=_digest(_math_config(config)), base=os.path.basename(base_path),
-              method=config.method)
+              method=config.method, fields=_flat_config(config))
 
 
 def check_metadata(meta: dict[str, Any] | None, want: dict[str, Any], directory: str,
                    hint: str = 'Use a new workdir.') -> None:
-  """Refuses a checkpoint (metadata `meta`, None: none) of another config or base."""
-  if meta is not None and (meta.get('config') != want['config'] or
-                           meta.get('base') != want['base']):
-    raise ValueError(f'The checkpoint in {directory} was written by another config or base '
-                     f'({ {k: meta.get(k) for k in want} }); expected {want}. {hint}')
+  """Refuses a checkpoint (metadata `meta`, None: none) of another config or base, naming the
+  config fields that differ (`train.steps: 3 in the checkpoint, 5 now`)."""
+  if meta is None or (meta.get('config') == want['config'] and
+                      meta.get('base') == want['base']):
+    return
+  diffs = []
+  if meta.get('base') != want['base']:
+    diffs.append(f'base: {meta.get("base")!r} in the checkpoint, {want["base"]!r} now')
+  old, new = meta.get('fields'), want.get('fields') or {}
+  if old is not None:
+    diffs += [f'{k}: {old.get(k, "(absent)")!r} in the checkpoint, {new.get(k, "(absent)")!r} now'
+              for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+  elif meta.get('config') != want['config']:
+    diffs.append(f'config digest {meta.get("config")} in the checkpoint, {want["config"]} now '
+                 '(a checkpoint of an older version: it does not record its fields)')
+  raise ValueError(f'The checkpoint in {directory} was written by another config or base; '
+                   f'differences: {"; ".join(diffs) or "none recorded"}. {hint}')
 
 
 def resized_ranks(adapters, spec) -> dict[str, int]:
@@ -494,13 +521,14 @@ def setup(config, workdir: str, ckpts: ckpt_lib.Checkpoints,
   task = tasks.make_task(config)
   model = task.model
   t_start = time.time()
-  check_selection(config, task, dyn)   # before any base is pretrained or loaded
+  meta = ckpts.latest_metadata()
+  if meta is None:   # a new run: its selection is checked before any base is obtained
+    check_selection(config, task, dyn)
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, 'config.json'), 'w') as f:
     f.write(config.to_json_best_effort(indent=2))
   base, base_path, pretrained_now = obtain_base(config, task)
   metadata = checkpoint_metadata(config, base_path)
-  meta = ckpts.latest_metadata()
   check_metadata(meta, metadata, ckpts.directory)
   mesh = sharding_lib.make_mesh(config.get('mesh') or {})
   replicated = sharding_lib.replicated(mesh)
@@ -665,6 +693,11 @@ def loop(run: Run, ckpts: ckpt_lib.Checkpoints) -> Trained:
                        f'{_kept(ckpts)}')
     ckpts.save_run(done, run.run_state(state), run.metadata, force=final)
   progress.close()
+  if not step_memory:   # resumed at the end (killed before results.json): compiled for them
+    batch = sharding_lib.global_batch(sharding_lib.process_rows(task.train_batch(run.start)),
+                                      mesh)
+    step_memory = _memory(step_fn.lower(state, batch, jax.random.fold_in(key, run.start))
+                          .compile())
   return Trained(state, step_times, reshaped_at, step_memory)
 
 
@@ -693,13 +726,33 @@ def report(run: Run, trained: Trained, workdir: str) -> dict[str, Any]:
       trainable_fraction=run.n_trainable / run.n_total, steps=config.train.steps,
       resumed_from=run.start, base_pretrained_now=run.pretrained_now,
       step_seconds=float(np.median(step_times)) if step_times else None,
-      **(trained.step_memory if step_times else {}), **extra,
+      **trained.step_memory, **extra, config_digest=_digest(config.to_dict()),
       seconds=time.time() - run.t_start)
-  run.writer.write(config.train.steps, {f'final_{first}': results[first]})
+  if not run.writer.has(config.train.steps, f'final_{first}'):   # once, also after a resume
+    run.writer.write(config.train.steps, {f'final_{first}': results[first]})
   run.writer.close()
   if jax.process_index() == 0:
     with open(os.path.join(workdir, 'results.json'), 'w') as f:
       json.dump(results, f, indent=2)
+  return results
+
+
+def finished_results(config, workdir: str, ckpts: ckpt_lib.Checkpoints
+                     ) -> dict[str, Any] | None:
+  """The results of `workdir` if it holds a finished run of exactly `config` (its
+  results.json, of the same config and placement, and its checkpoint of the last step), else
+  None: a run with no results (killed before writing them), with its last checkpoint lost, or
+  asked for on another mesh or sharding resumes at its last checkpoint instead."""
+  path = os.path.join(workdir, 'results.json')
+  if not os.path.exists(path) or max(ckpts.steps(), default=None) != config.train.steps:
+    return None
+  try:
+    with open(path) as f:
+      results = json.load(f)
+  except (OSError, ValueError):
+    return None   # cut short: the run resumes at its last checkpoint and writes it again
+  if results.get('config_digest') != _digest(config.to_dict()):
+    return None   # another config (setup refuses it, naming what differs) or placement
   return results
 
 
@@ -714,6 +767,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   check_workdir(workdir)
   with ckpt_lib.Checkpoints(os.path.join(workdir, 'checkpoints'), config.train.checkpoint_every,
                             config.train.max_to_keep) as ckpts:
+    finished = finished_results(config, workdir, ckpts)
+    if finished is not None:
+      return finished
     run = setup(config, workdir, ckpts, dyn)
     trained = loop(run, ckpts)
   return report(run, trained, workdir)

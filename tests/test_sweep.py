@@ -122,7 +122,8 @@ def test_sweep_runs_records_failures_resumes_and_reports(tmp_path):
   progress = log.read_text()
   assert re.search(r'2/3 done \(0 skipped\), 0 running, 1 failed', progress), progress
   err = open(os.path.join(workdir, 'trials', 'broken', 'error.txt')).read()
-  assert 'exit code 1' in err and 'Loss became nan' in err
+  # A NaN learning rate is a user error, refused before anything runs (exit status 2).
+  assert 'exit code 2' in err and 'train.learning_rate=nan must be a finite number > 0' in err
   rows = {r['name']: r for r in sweep.gather(path, None, workdir, TINY)}
   assert rows['broken']['status'] == 'failed' and rows['lora_r2']['status'] == 'done'
   r = rows['lora_r2']

@@ -146,6 +146,7 @@ def test_variants_train_checkpoint_and_resume(tmp_path, variant, monkeypatch):
     c.adapter.options.factor = 4
   r1 = train.train_and_evaluate(c, str(tmp_path / 'a'))
   assert r1['steps'] == 3 and 0 < r1['trainable_fraction'] < 0.5
+  os.remove(tmp_path / 'a' / 'results.json')   # killed before its results: it resumes at 3
   _forbid_setup(monkeypatch)
   r2 = train.train_and_evaluate(c, str(tmp_path / 'a'))   # restores frozen and shared arrays
   assert r2['resumed_from'] == 3 and r2['accuracy'] == r1['accuracy']
@@ -161,26 +162,65 @@ def test_inits_and_quantized_bases_train_and_resume(tmp_path, arg, monkeypatch):
   c.adapter.calibration_batches = 2
   r1 = train.train_and_evaluate(c, str(tmp_path / 'a'))
   assert r1['steps'] == 3 and 0 < r1['trainable_fraction'] < 0.5
+  os.remove(tmp_path / 'a' / 'results.json')   # killed before its results: it resumes at 3
   _forbid_setup(monkeypatch)   # the residual, LoftQ's base, EVA's ranks: from the checkpoint
   r2 = train.train_and_evaluate(c, str(tmp_path / 'a'))
   assert r2['resumed_from'] == 3 and r2['accuracy'] == r1['accuracy']
   assert r2['base_accuracy'] == r1['base_accuracy']
 
 
+def _files(workdir):
+  out = {}
+  for f in sorted(glob.glob(os.path.join(workdir, '**', '*'), recursive=True)):
+    if os.path.isfile(f):
+      with open(f, 'rb') as fh:
+        out[os.path.relpath(f, workdir)] = fh.read()
+  return out
+
+
+def _final_lines(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [l for l in f if 'final_accuracy' in l]
+
+
 @pytest.mark.slow
-def test_rerun_of_a_finished_run_resumes_at_the_end(tmp_path):
+def test_rerun_of_a_finished_run_changes_nothing(tmp_path, monkeypatch):
   c = _config(tmp_path)
-  r1 = train.train_and_evaluate(c, str(tmp_path / 'a'))
-  r2 = train.train_and_evaluate(c, str(tmp_path / 'a'))
-  assert r2['resumed_from'] == 3 and r2['accuracy'] == r1['accuracy']
+  workdir = str(tmp_path / 'a')
+  r1 = train.train_and_evaluate(c, workdir)
+  before = _files(workdir)
+  _forbid_setup(monkeypatch)   # nothing is set up, trained or evaluated again
+  monkeypatch.setattr(train, 'setup', lambda *a, **k: pytest.fail('setup ran'))
+  r2 = train.train_and_evaluate(c, workdir)
+  assert r2 == r1 and _files(workdir) == before and len(_final_lines(workdir)) == 1
 
 
 @pytest.mark.slow
-def test_checkpoint_of_another_config_is_refused(tmp_path):
+def test_run_killed_before_its_results_resumes_at_the_end_with_every_figure(tmp_path):
+  c = _config(tmp_path)
+  workdir = str(tmp_path / 'a')
+  r1 = train.train_and_evaluate(c, workdir)
+  os.remove(os.path.join(workdir, 'results.json'))   # killed after the last checkpoint
+  r2 = train.train_and_evaluate(c, workdir)
+  assert r2['resumed_from'] == 3 and r2['accuracy'] == r1['accuracy']
+  for k in ('step_memory_bytes', 'step_temp_bytes', 'step_flops'):
+    assert r2[k] is not None and r2[k] == r1[k], k
+  assert len(_final_lines(workdir)) == 1
+  with open(os.path.join(workdir, 'results.json')) as f:
+    assert json.load(f)['resumed_from'] == 3
+
+
+@pytest.mark.slow
+def test_checkpoint_of_another_config_is_refused_naming_the_fields(tmp_path):
   train.train_and_evaluate(_config(tmp_path), str(tmp_path / 'a'))
   other = _config(tmp_path, 'quick,rank=4')
-  with pytest.raises(ValueError, match='written by another config or base'):
+  with pytest.raises(ValueError, match=re.escape(
+      'written by another config or base; differences: adapter.alpha: 16.0 in the checkpoint, '
+      '8.0 now; adapter.rank: 8 in the checkpoint, 4 now. Use a new workdir.')):
     train.train_and_evaluate(other, str(tmp_path / 'a'))
+  # More steps for a finished run are refused too (its schedule decays over train.steps).
+  with pytest.raises(ValueError, match=re.escape('train.steps: 3 in the checkpoint, 5 now')):
+    train.train_and_evaluate(_config(tmp_path, steps=5), str(tmp_path / 'a'))
 
 
 def _nan_schedule(monkeypatch):
