@@ -19,10 +19,20 @@ With no flags it runs the default config (a tiny ViT pretrained on digits 0-4, L
      `lorax_jax.checkpoints`); data order and dropout keys are functions of the step, so a
      killed run resumes where its last checkpoint left it, from the checkpoint alone (only the
      frozen base is obtained again), and ends with the same numbers; a NaN/inf loss stops the
-     run with an error naming the step;
+     run with an error naming the step, and no checkpoint ever holds a non-finite value (the
+     check runs before every save); a rerun of a finished run (its results.json and last-step
+     checkpoint, same config and placement) returns its results and writes nothing; a resume
+     into another config is refused naming the fields that differ, and so is a larger
+     `train.steps` for a finished run (the schedule decays over `train.steps`: a longer run is
+     another run, in a new workdir);
   5. metrics as JSON lines and TensorBoard events in the workdir, `results.json` at the end (the
      `base_*` metrics are the model at step 0: the base, or the residual base with its initial
      adapters, which equals it; with `quant`, the quantized model).
+
+User errors (a missing config file, a misspelled field, an unknown model, method, variant or
+init, a bad learning rate, a workdir that is a file) exit with status 2 and one `error: ...` line
+(`experiments.cli`); the adapter selection is checked on the model's abstract shapes before any
+base is obtained.
 
 Placement: a device mesh from `config.mesh` (`data`, `fsdp`, `tensor`; -1 = the rest) over every
 device of every process; the frozen base sharded by `config.sharding` (a preset or rules), the
