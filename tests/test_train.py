@@ -382,6 +382,63 @@ def test_corrupt_latest_checkpoint_falls_back(tmp_path, caplog):
     ck.restore_latest({'w': jnp.zeros((5,)), 'step': jnp.int32(0)})
 
 
+def _saved_once(directory):
+  ck = ckpt_lib.Checkpoints(directory, interval=1, max_to_keep=3)
+  ck.save(1, {'w': jnp.arange(3.0)}, {'tag': 1})
+  ck.wait()
+  return ck
+
+
+def _restores_step_1(directory):
+  with ckpt_lib.Checkpoints(directory, interval=1, max_to_keep=3) as ck:
+    step, restored, meta = ck.restore_latest({'w': jnp.zeros(3)})
+  assert step == 1 and meta == {'tag': 1}
+  np.testing.assert_array_equal(restored['w'], np.arange(3.0))
+
+
+def test_disk_full_is_a_clear_error_and_the_previous_checkpoint_restores(tmp_path, monkeypatch):
+  import errno  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from experiments import cli  # pylint: disable=g-import-not-at-top
+  d = str(tmp_path / 'ck')
+  ck = _saved_once(d)
+
+  def full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, 'No space left on device', os.path.join(d, '2'))
+  monkeypatch.setattr(ocp.CheckpointManager, 'save', full)
+  with pytest.raises(ckpt_lib.CheckpointIOError, match=re.escape(
+      f'Could not write the checkpoint of step 2 in {d}: No space left on device ({d}/2); the '
+      'checkpoint of step 1 is kept and still restores')) as e:
+    ck.save(2, {'w': jnp.arange(3.0) * 2}, {'tag': 2})
+  assert cli.is_user_error(e.value)   # the command line prints it and exits 2
+  monkeypatch.undo()
+  ck.close()
+  _restores_step_1(d)
+
+
+def test_read_only_directory_is_a_clear_error(tmp_path):
+  d = str(tmp_path / 'ck')
+  ck = _saved_once(d)
+  os.chmod(d, 0o555)
+  try:
+    if os.access(d, os.W_OK):
+      pytest.skip('chmod does not make the directory read-only here (running as root)')
+    with pytest.raises(ckpt_lib.CheckpointIOError, match=re.escape(
+        f'Could not write the checkpoint of step 2 in {d}: Permission denied ({d})')):
+      ck.save(2, {'w': jnp.arange(3.0) * 2}, {'tag': 2})
+    ck.close()
+  finally:
+    os.chmod(d, 0o755)
+  _restores_step_1(d)
+
+
+def test_unusable_checkpoint_directory_is_a_clear_error(tmp_path):
+  (tmp_path / 'f').write_text('')
+  with pytest.raises(ckpt_lib.CheckpointIOError, match=re.escape(
+      f'Cannot use the checkpoint directory {tmp_path / "f" / "ck"}:')):
+    ckpt_lib.Checkpoints(str(tmp_path / 'f' / 'ck'))
+
+
 def _cmd(workdir, cache):
   return ([sys.executable, '-m', 'experiments.train',
            '--config', 'configs/vit_digits.py:quick,model=cnn', '--workdir', workdir,
