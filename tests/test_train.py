@@ -416,6 +416,27 @@ def test_disk_full_is_a_clear_error_and_the_previous_checkpoint_restores(tmp_pat
   _restores_step_1(d)
 
 
+@pytest.mark.slow
+def test_run_stops_on_a_full_disk_and_resumes_from_its_last_checkpoint(tmp_path, monkeypatch):
+  import errno  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  real, calls = ocp.CheckpointManager.save, []
+
+  def save(self, step, *args, **kwargs):
+    calls.append(step)
+    if step == 3:
+      raise OSError(errno.ENOSPC, 'No space left on device')
+    return real(self, step, *args, **kwargs)
+  monkeypatch.setattr(ocp.CheckpointManager, 'save', save)
+  c = _config(tmp_path)
+  with pytest.raises(ckpt_lib.CheckpointIOError, match='of step 3 .* No space left on device; '
+                     'the checkpoint of step 2 is kept'):
+    train.train_and_evaluate(c, str(tmp_path / 'a'))
+  monkeypatch.undo()
+  r = train.train_and_evaluate(c, str(tmp_path / 'a'))
+  assert r['resumed_from'] == 2 and r['steps'] == 3
+
+
 def test_read_only_directory_is_a_clear_error(tmp_path):
   d = str(tmp_path / 'ck')
   ck = _saved_once(d)
