@@ -101,8 +101,6 @@ def _check(config) -> lj.dynamics.Dynamics | None:
     if config.train[name] <= 0:
       raise ValueError(f'train.{name}={config.train[name]} must be > 0.')
   _check_rate('train.learning_rate', config.train.learning_rate)
-  if config.base.get('steps'):
-    _check_rate('base.learning_rate', config.base.learning_rate)
   if not 0 <= config.train.warmup_steps < config.train.steps:
     raise ValueError(f'train.warmup_steps={config.train.warmup_steps} must be in '
                      f'[0, train.steps={config.train.steps}).')
@@ -211,6 +209,8 @@ def obtain_base(config, task: tasks.Task):
         return flax.serialization.from_bytes(params, f.read()), path, False
       except (ValueError, KeyError) as e:
         raise ValueError(f'Cached base {path} does not fit the model: {e}') from None
+  if config.base.steps:   # pretrained here (a loaded base has no use for a learning rate)
+    _check_rate('base.learning_rate', config.base.learning_rate)
   tx = optax.adam(config.base.learning_rate)
 
   @jax.jit
