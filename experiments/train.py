@@ -625,7 +625,10 @@ def _start_state(run: Run, ckpts: ckpt_lib.Checkpoints, params):
 
 def _kept(ckpts: ckpt_lib.Checkpoints) -> str:
   """What a stopped run leaves: its last good checkpoint, or that it has none."""
-  ckpts.wait()
+  try:
+    ckpts.wait()
+  except ckpt_lib.CheckpointIOError as e:   # the stop's own error is the one to report
+    logging.warning('%s', e)
   steps = ckpts.steps()
   if not steps:
     return f'No checkpoint was written (none in {ckpts.directory}).'
