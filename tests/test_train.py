@@ -453,6 +453,33 @@ def test_read_only_directory_is_a_clear_error(tmp_path):
   _restores_step_1(d)
 
 
+def test_unwritable_directory_is_refused_before_orbax_writes(tmp_path, monkeypatch):
+  # What a read-only directory looks like to a non-root user, also where chmod cannot show it.
+  d = str(tmp_path / 'ck')
+  ck = _saved_once(d)
+  monkeypatch.setattr(ckpt_lib.os, 'access', lambda path, mode: path != d)
+  with pytest.raises(ckpt_lib.CheckpointIOError, match=re.escape(
+      f'Could not write the checkpoint of step 2 in {d}: Permission denied ({d}); the '
+      'checkpoint of step 1 is kept and still restores')):
+    ck.save(2, {'w': jnp.arange(3.0) * 2}, {'tag': 2})
+  monkeypatch.undo()
+  ck.close()
+  _restores_step_1(d)
+
+
+@pytest.mark.parametrize('kind', ['file', 'read-only'])
+def test_bad_workdirs_are_refused(tmp_path, monkeypatch, kind):
+  if kind == 'file':
+    (tmp_path / 'w').write_text('')
+    with pytest.raises(ValueError, match='is a file; allowed: a directory'):
+      train.check_workdir(str(tmp_path / 'w'))
+    return
+  monkeypatch.setattr(train.os, 'access', lambda path, mode: False)
+  with pytest.raises(ValueError, match=re.escape(
+      f'--workdir {tmp_path}/new/run: {tmp_path} is not writable; allowed: a directory')):
+    train.check_workdir(str(tmp_path / 'new' / 'run'))
+
+
 def test_unusable_checkpoint_directory_is_a_clear_error(tmp_path):
   (tmp_path / 'f').write_text('')
   with pytest.raises(ckpt_lib.CheckpointIOError, match=re.escape(
