@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 from typing import Any
 
 import ml_collections
@@ -117,8 +118,10 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any]
       if not isinstance(node, ml_collections.ConfigDict) or part not in node:
         allowed = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
         where = '.'.join(parts[:i]) or 'the config'
+        close = difflib.get_close_matches(part, allowed, n=3, cutoff=0.6)
+        hint = f'did you mean {" or ".join(repr(c) for c in close)}? ' if close else ''
         raise ValueError(f'Unknown override key {key!r}: {where} has no field {part!r}; '
-                         f'allowed: {allowed}.')
+                         f'{hint}allowed: {allowed}.')
       if i == len(parts) - 1:
         node[part] = value
       else:

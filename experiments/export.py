@@ -28,7 +28,6 @@ import os
 import re
 from typing import Any
 
-from absl import app
 from absl import flags
 import jax
 
@@ -36,6 +35,7 @@ import lorax_jax as lj
 from lorax_jax import checkpoints as ckpt_lib
 from lorax_jax.models import bert, decoder, hf, vit
 
+from experiments import cli
 from experiments import tasks
 from experiments import train
 
@@ -151,4 +151,4 @@ if __name__ == '__main__':
   # --config and --workdir are experiments.train's flags (same defaults: the README's main job).
   flags.DEFINE_string('out', None, 'Output directory (default: WORKDIR/export).')
   flags.DEFINE_bool('merged', False, 'Also write the merged model.')
-  app.run(main)
+  cli.run(main, config_flags=('config',))

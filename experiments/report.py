@@ -16,8 +16,9 @@ from __future__ import annotations
 import csv
 import json
 import os
-import sys
 from typing import Any
+
+from experiments import cli
 
 _METRIC_UNITS = {'accuracy': 'accuracy (fraction correct)',
                  'perplexity': 'perplexity (bytes, lower is better)'}
@@ -135,11 +136,13 @@ def plot(workdir: str) -> list[str]:
 
 def main(argv: list[str]) -> None:
   if len(argv) != 2:
-    print('usage: python -m experiments.report SWEEP_DIR', file=sys.stderr)
-    sys.exit(2)
+    raise cli.UserError(f'usage: python -m experiments.report SWEEP_DIR (got {argv[1:]}).')
+  if not os.path.isdir(argv[1]):
+    raise cli.UserError(f'SWEEP_DIR {argv[1]!r} is not a directory; allowed: the --workdir of '
+                        'an experiments.sweep run.')
   for path in plot(argv[1]):
     print(path)
 
 
 if __name__ == '__main__':
-  main(sys.argv)
+  cli.run(main)

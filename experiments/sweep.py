@@ -51,6 +51,8 @@ from typing import Any
 from absl import app
 from absl import flags
 
+from experiments import cli
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _NAME = re.compile(r'^[A-Za-z0-9][A-Za-z0-9_.+=-]*$')
 
@@ -67,7 +69,8 @@ def resolve(path: str) -> str:
   if not os.path.isfile(path) and os.path.isfile(os.path.join(ROOT, path)):
     return os.path.join(ROOT, path)
   if not os.path.isfile(path):
-    raise ValueError(f'Config file {path!r} does not exist.')
+    raise ValueError(f'Config file {path!r} does not exist; allowed: a config file with '
+                     'get_config(arg) and sweep(add, arg), e.g. configs/vit_digits.py:quick.')
   return os.path.abspath(path)
 
 
@@ -391,6 +394,21 @@ def parse_sets(items: list[str]) -> dict[str, Any]:
   return out
 
 
+def check_only(only: str | None, declared: list[Trial]) -> None:
+  """Refuses an `--only` that is not a regex or matches none of the `declared` trials."""
+  if not only:
+    return
+  try:
+    pattern = re.compile(only)
+  except re.error as e:
+    raise cli.UserError(f'--only {only!r} is not a valid regex ({e}); allowed: a Python regex '
+                        'searched in the trial names, e.g. --only "^lora_r(4|8)"') from None
+  names = [t.name for t in declared]
+  if not any(pattern.search(n) for n in names):
+    raise cli.UserError(f'--only {only!r} matches no trial; the sweep declares '
+                        f'{names[:40]}{" ..." if len(names) > 40 else ""}.')
+
+
 def _define_flags():
   """The command line (defined only when run as a program, so that importing this module next to
   `experiments.train`, whose flags have the same names, works)."""
@@ -411,7 +429,10 @@ def main(argv):
     raise app.UsageError('--config and --workdir are required.')
   path, arg = _split(f.config)
   workdir = os.path.abspath(f.workdir)
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise cli.UserError(f'--workdir {f.workdir} is a file; allowed: a directory.')
   extra = parse_sets(f.set)
+  check_only(f.only, trials(path, arg, extra))
   if f.print_commands:
     base_dir = _base_dir(path, arg, workdir)
     for t in trials(path, arg, extra):
@@ -442,4 +463,4 @@ def main(argv):
 
 if __name__ == '__main__':
   _define_flags()
-  app.run(main)
+  cli.run(main)

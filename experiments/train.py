@@ -19,12 +19,22 @@ With no flags it runs the default config (a tiny ViT pretrained on digits 0-4, L
      `lorax_jax.checkpoints`); data order and dropout keys are functions of the step, so a
      killed run resumes where its last checkpoint left it, from the checkpoint alone (only the
      frozen base is obtained again), and ends with the same numbers; a NaN/inf loss stops the
-     run with an error naming the step; SIGTERM or SIGINT ends the step in progress, saves a
+     run with an error naming the step, and no checkpoint ever holds a non-finite value (the
+     check runs before every save); SIGTERM or SIGINT ends the step in progress, saves a
      checkpoint and exits with status 128 + signal (`stop_signals`); one trainer at a time per
-     workdir (`workdir_lock`: a second one exits with status 2, naming the holder's pid);
+     workdir (`workdir_lock`: a second one exits with status 2, naming the holder's pid); a rerun
+     of a finished run (its results.json and last-step checkpoint, same config and placement)
+     returns its results and writes nothing; a resume into another config is refused naming the
+     fields that differ, and so is a larger `train.steps` for a finished run (the schedule decays
+     over `train.steps`: a longer run is another run, in a new workdir);
   5. metrics as JSON lines and TensorBoard events in the workdir, `results.json` at the end (the
      `base_*` metrics are the model at step 0: the base, or the residual base with its initial
      adapters, which equals it; with `quant`, the quantized model).
+
+User errors (a missing config file, a misspelled field, an unknown model, method, variant or
+init, a bad learning rate, a workdir that is a file) exit with status 2 and one `error: ...` line
+(`experiments.cli`); the adapter selection is checked on the model's abstract shapes before any
+base is obtained.
 
 Placement: a device mesh from `config.mesh` (`data`, `fsdp`, `tensor`; -1 = the rest) over every
 device of every process; the frozen base sharded by `config.sharding` (a preset or rules), the
@@ -46,14 +56,12 @@ import tempfile
 import time
 from typing import Any, NamedTuple
 
-from absl import app
 from absl import flags
 from absl import logging
 import flax
 import jax
 import jax.numpy as jnp
 from jax.experimental import multihost_utils
-from ml_collections import config_flags
 import numpy as np
 import optax
 
@@ -63,13 +71,14 @@ from lorax_jax import metrics as metrics_lib
 from lorax_jax import sharding as sharding_lib
 from lorax_jax import spec_json
 
+from experiments import cli
 from experiments import stop_signals
 from experiments import tasks
 from experiments import workdir_lock
 
 METHODS = ('lora', 'full', 'head')
 
-_CONFIG = config_flags.DEFINE_config_file(
+_CONFIG = cli.define_config_file(
     'config', os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                            'configs', 'vit_digits.py'), 'Experiment config file (`file.py:arg`).')
 _WORKDIR = flags.DEFINE_string(
@@ -97,6 +106,7 @@ def _check(config) -> lj.dynamics.Dynamics | None:
   for name in ('steps', 'eval_every', 'checkpoint_every', 'log_every'):
     if config.train[name] <= 0:
       raise ValueError(f'train.{name}={config.train[name]} must be > 0.')
+  _check_rate('train.learning_rate', config.train.learning_rate)
   if not 0 <= config.train.warmup_steps < config.train.steps:
     raise ValueError(f'train.warmup_steps={config.train.warmup_steps} must be in '
                      f'[0, train.steps={config.train.steps}).')
@@ -110,6 +120,34 @@ def _check(config) -> lj.dynamics.Dynamics | None:
                        f'adapter.variant={config.adapter.variant!r}.')
     dyn.check_rank(config.adapter.rank, None)
   return dyn
+
+
+def _check_rate(name: str, value) -> None:
+  """Refuses a learning rate `value` of config field `name` that is not a finite number > 0."""
+  if isinstance(value, bool) or not isinstance(value, (int, float)):
+    raise ValueError(f'{name}={value!r} must be a number; got a {type(value).__name__}.')
+  if not (np.isfinite(value) and value > 0):
+    raise ValueError(f'{name}={value!r} must be a finite number > 0.')
+
+
+def check_workdir(workdir: str) -> None:
+  """Refuses a `workdir` that is a file, or a directory (or its nearest existing parent) that
+  is not writable, before anything runs."""
+  path = os.path.abspath(workdir)
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise ValueError(f'--workdir {workdir} is a file; allowed: a directory (new or existing).')
+  existing = path
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    raise ValueError(f'--workdir {workdir}: {existing} is a file, not a directory.')
+  if not os.access(existing, os.W_OK | os.X_OK):
+    raise ValueError(f'--workdir {workdir}: {existing} is not writable; allowed: a directory '
+                     'this user can write.')
+  try:
+    os.makedirs(path, exist_ok=True)
+  except OSError as e:
+    raise ValueError(f'--workdir {workdir} cannot be created: {e.strerror or e}.') from None
 
 
 def _host(x) -> float:
@@ -177,6 +215,8 @@ def obtain_base(config, task: tasks.Task):
         return flax.serialization.from_bytes(params, f.read()), path, False
       except (ValueError, KeyError) as e:
         raise ValueError(f'Cached base {path} does not fit the model: {e}') from None
+  if config.base.steps:   # pretrained here (a loaded base has no use for a learning rate)
+    _check_rate('base.learning_rate', config.base.learning_rate)
   tx = optax.adam(config.base.learning_rate)
 
   @jax.jit
@@ -213,6 +253,21 @@ def _rules(config):
       variant=a.variant, rank=a.rank, alpha=a.alpha, scaling=a.scaling, dropout=a.dropout,
       init=a.get('init', 'kaiming'), init_options=init_options,
       **(a.options.to_dict() if a.get('options') else {}))
+
+
+def check_selection(config, task: tasks.Task, dyn: lj.dynamics.Dynamics | None = None):
+  """The spec of `config`'s selection on the model's abstract parameters (`jax.eval_shape` of
+  its init: nothing is computed), so that an unknown variant or init, a bad rank or bad options
+  are refused in a second, before any base is pretrained or loaded.
+
+  Raises:
+    ValueError: for a selection `make_spec` (or the dynamics method) refuses.
+  """
+  abstract = jax.eval_shape(task.model.init, jax.random.key(config.seed), *task.example)
+  spec = lj.make_spec(abstract, _rules(config), fn=task.model.apply, args=task.example)
+  if dyn is not None:
+    dyn.check(spec, abstract)
+  return spec
 
 
 def _quantizing_init(config) -> bool:
@@ -339,19 +394,46 @@ def make_optimizer(config, schedule: optax.Schedule | None = None
                       weight_decay=t.weight_decay)
 
 
+def _flat_config(config) -> dict[str, Any]:
+  """`{'train.steps': 600, ...}`: the math config's fields as JSON values, dotted keys."""
+  out = {}
+
+  def walk(prefix, d):
+    for k, v in d.items():
+      if isinstance(v, dict):
+        walk(f'{prefix}{k}.', v)
+      else:
+        out[f'{prefix}{k}'] = json.loads(json.dumps(v, default=str))
+  walk('', _math_config(config))
+  return out
+
+
 def checkpoint_metadata(config, base_path: str) -> dict[str, Any]:
-  """What a checkpoint records to refuse restoring into another config or base."""
+  """What a checkpoint records to refuse restoring into another config or base (the digest
+  decides; the fields name what differs)."""
   return dict(config=_digest(_math_config(config)), base=os.path.basename(base_path),
-              method=config.method)
+              method=config.method, fields=_flat_config(config))
 
 
 def check_metadata(meta: dict[str, Any] | None, want: dict[str, Any], directory: str,
                    hint: str = 'Use a new workdir.') -> None:
-  """Refuses a checkpoint (metadata `meta`, None: none) of another config or base."""
-  if meta is not None and (meta.get('config') != want['config'] or
-                           meta.get('base') != want['base']):
-    raise ValueError(f'The checkpoint in {directory} was written by another config or base '
-                     f'({ {k: meta.get(k) for k in want} }); expected {want}. {hint}')
+  """Refuses a checkpoint (metadata `meta`, None: none) of another config or base, naming the
+  config fields that differ (`train.steps: 3 in the checkpoint, 5 now`)."""
+  if meta is None or (meta.get('config') == want['config'] and
+                      meta.get('base') == want['base']):
+    return
+  diffs = []
+  if meta.get('base') != want['base']:
+    diffs.append(f'base: {meta.get("base")!r} in the checkpoint, {want["base"]!r} now')
+  old, new = meta.get('fields'), want.get('fields') or {}
+  if old is not None:
+    diffs += [f'{k}: {old.get(k, "(absent)")!r} in the checkpoint, {new.get(k, "(absent)")!r} now'
+              for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+  elif meta.get('config') != want['config']:
+    diffs.append(f'config digest {meta.get("config")} in the checkpoint, {want["config"]} now '
+                 '(a checkpoint of an older version: it does not record its fields)')
+  raise ValueError(f'The checkpoint in {directory} was written by another config or base; '
+                   f'differences: {"; ".join(diffs) or "none recorded"}. {hint}')
 
 
 def resized_ranks(adapters, spec) -> dict[str, int]:
@@ -455,12 +537,14 @@ def setup(config, workdir: str, ckpts: ckpt_lib.Checkpoints,
   task = tasks.make_task(config)
   model = task.model
   t_start = time.time()
+  meta = ckpts.latest_metadata()
+  if meta is None:   # a new run: its selection is checked before any base is obtained
+    check_selection(config, task, dyn)
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, 'config.json'), 'w') as f:
     f.write(config.to_json_best_effort(indent=2))
   base, base_path, pretrained_now = obtain_base(config, task)
   metadata = checkpoint_metadata(config, base_path)
-  meta = ckpts.latest_metadata()
   check_metadata(meta, metadata, ckpts.directory)
   mesh = sharding_lib.make_mesh(config.get('mesh') or {})
   replicated = sharding_lib.replicated(mesh)
@@ -554,6 +638,18 @@ def _stop_requested(stop: stop_signals.StopRequests | None) -> int | None:
   return int(np.max(multihost_utils.process_allgather(np.int32(requested or 0)))) or None
 
 
+def _kept(ckpts: ckpt_lib.Checkpoints) -> str:
+  """What a stopped run leaves: its last good checkpoint, or that it has none."""
+  try:
+    ckpts.wait()
+  except ckpt_lib.CheckpointIOError as e:   # the stop's own error is the one to report
+    logging.warning('%s', e)
+  steps = ckpts.steps()
+  if not steps:
+    return f'No checkpoint was written (none in {ckpts.directory}).'
+  return f'The last good checkpoint (step {steps[-1]}) is kept in {ckpts.directory}.'
+
+
 class Trained(NamedTuple):
   """What `loop` gives `report`: the final state and the loop's own figures."""
   state: lj.TrainState
@@ -597,9 +693,8 @@ def loop(run: Run, ckpts: ckpt_lib.Checkpoints,
     state, loss = compiled(*state, batch, rng)
     loss = _host(loss)
     if not np.isfinite(loss):
-      raise ValueError(f'Loss became {loss} at step {step + 1}; training stopped. The last good '
-                       f'checkpoint (step {max(ckpts.steps(), default=0)}) is kept in '
-                       f'{ckpts.directory}.')
+      raise ValueError(f'Loss became {loss} at step {step + 1}; training stopped. '
+                       f'{_kept(ckpts)}')
     done = step + 1
     state, reshaped = lj.dynamics.apply_schedule(dyn, done, state, tx)
     step_times.append(time.time() - t0)   # the step and the method's schedule
@@ -622,17 +717,22 @@ def loop(run: Run, ckpts: ckpt_lib.Checkpoints,
     if done % t.eval_every == 0 or done == t.steps:
       writer.write(done, {first: _host(metric(state.params, state.adapters,
                                               *eval_sets[first]))})
-    requested = _stop_requested(stop) if done < t.steps else None
+    final = done == t.steps
+    requested = None if final else _stop_requested(stop)
     stopping = requested is not None
-    if (done % t.checkpoint_every == 0 or done == t.steps or stopping) and not _host(
-        all_finite(state.adapters)):
-      raise ValueError(f'Adapters became NaN or infinite at step {done}; training stopped. The '
-                       f'last good checkpoint (step {max(ckpts.steps(), default=0)}) is kept in '
-                       f'{ckpts.directory}.')
-    ckpts.save_run(done, run.run_state(state), run.metadata, force=done == t.steps or stopping)
+    # Before every save (orbax's first one included): no checkpoint holds a non-finite value.
+    if (final or stopping or ckpts.should_save(done)) and not _host(all_finite(state.adapters)):
+      raise ValueError(f'Adapters became NaN or infinite at step {done}; training stopped. '
+                       f'{_kept(ckpts)}')
+    ckpts.save_run(done, run.run_state(state), run.metadata, force=final or stopping)
     if stopping:
       raise stop_signals.Interrupted(requested, done, ckpts.directory)
   progress.close()
+  if not step_memory:   # resumed at the end (killed before results.json): compiled for them
+    batch = sharding_lib.global_batch(sharding_lib.process_rows(task.train_batch(run.start)),
+                                      mesh)
+    step_memory = _memory(step_fn.lower(state, batch, jax.random.fold_in(key, run.start))
+                          .compile())
   return Trained(state, step_times, reshaped_at, step_memory)
 
 
@@ -661,13 +761,33 @@ def report(run: Run, trained: Trained, workdir: str) -> dict[str, Any]:
       trainable_fraction=run.n_trainable / run.n_total, steps=config.train.steps,
       resumed_from=run.start, base_pretrained_now=run.pretrained_now,
       step_seconds=float(np.median(step_times)) if step_times else None,
-      **(trained.step_memory if step_times else {}), **extra,
+      **trained.step_memory, **extra, config_digest=_digest(config.to_dict()),
       seconds=time.time() - run.t_start)
-  run.writer.write(config.train.steps, {f'final_{first}': results[first]})
+  if not run.writer.has(config.train.steps, f'final_{first}'):   # once, also after a resume
+    run.writer.write(config.train.steps, {f'final_{first}': results[first]})
   run.writer.close()
   if jax.process_index() == 0:
     with open(os.path.join(workdir, 'results.json'), 'w') as f:
       json.dump(results, f, indent=2)
+  return results
+
+
+def finished_results(config, workdir: str, ckpts: ckpt_lib.Checkpoints
+                     ) -> dict[str, Any] | None:
+  """The results of `workdir` if it holds a finished run of exactly `config` (its
+  results.json, of the same config and placement, and its checkpoint of the last step), else
+  None: a run with no results (killed before writing them), with its last checkpoint lost, or
+  asked for on another mesh or sharding resumes at its last checkpoint instead."""
+  path = os.path.join(workdir, 'results.json')
+  if not os.path.exists(path) or max(ckpts.steps(), default=None) != config.train.steps:
+    return None
+  try:
+    with open(path) as f:
+      results = json.load(f)
+  except (OSError, ValueError):
+    return None   # cut short: the run resumes at its last checkpoint and writes it again
+  if results.get('config_digest') != _digest(config.to_dict()):
+    return None   # another config (setup refuses it, naming what differs) or placement
   return results
 
 
@@ -681,11 +801,15 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     stop_signals.Interrupted: on SIGTERM / SIGINT, after the step in progress and a checkpoint.
   """
   dyn = _check(config)
+  check_workdir(workdir)
   # One trainer per workdir (process 0 locks for all processes of a multi-process run).
   lock = workdir_lock.hold(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
   with lock, stop_signals.StopRequests() as stop, ckpt_lib.Checkpoints(
       os.path.join(workdir, 'checkpoints'), config.train.checkpoint_every,
       config.train.max_to_keep) as ckpts:
+    finished = finished_results(config, workdir, ckpts)
+    if finished is not None:
+      return finished
     run = setup(config, workdir, ckpts, dyn)
     trained = loop(run, ckpts, stop)
     return report(run, trained, workdir)
@@ -752,4 +876,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main, config_flags=('config',))

@@ -38,6 +38,7 @@ A description (`describe`) is JSON: `None`; `{"array": [shape, dtype]}`; `{"dict
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
 import os
 from typing import Any, Callable
@@ -181,6 +182,27 @@ class RunState:
     return {k: v for k, v in out.items() if jax.tree_util.tree_leaves(v)}
 
 
+class CheckpointIOError(OSError):
+  """A checkpoint could not be written (a read-only directory, a full disk...); the message
+  names the path and the cause, and the checkpoints written before stay usable."""
+
+
+# How storage errors read when orbax or TensorStore re-raise them as another type.
+_IO_MARKS = ('PERMISSION_DENIED', 'RESOURCE_EXHAUSTED', 'No space left', 'Read-only file system',
+             'Permission denied', 'Disk quota exceeded')
+
+
+def _is_io_error(e: BaseException) -> bool:
+  return isinstance(e, OSError) or any(m in str(e) for m in _IO_MARKS)
+
+
+def _cause(e: BaseException) -> str:
+  if isinstance(e, OSError) and e.errno:
+    where = f' ({e.filename})' if getattr(e, 'filename', None) else ''
+    return f'{os.strerror(e.errno)}{where}'
+  return f'{type(e).__name__}: {str(e)[:300]}'
+
+
 class Checkpoints:
   """Periodic, resumable checkpoints; a context manager.
 
@@ -191,6 +213,8 @@ class Checkpoints:
 
   Raises:
     ValueError: for a non-positive interval or max_to_keep.
+    CheckpointIOError: for a directory that cannot be created or written (here, or when a save
+      fails: the message names the path and the cause; earlier checkpoints stay usable).
 
   Example:
     >>> with Checkpoints(directory) as ckpts:                  # doctest: +SKIP
@@ -202,42 +226,90 @@ class Checkpoints:
     if interval <= 0 or max_to_keep <= 0:
       raise ValueError(f'interval={interval} and max_to_keep={max_to_keep} must be > 0.')
     self.directory = os.path.abspath(directory)
-    self._manager = ocp.CheckpointManager(
-        self.directory,
-        options=ocp.CheckpointManagerOptions(save_interval_steps=interval,
-                                             max_to_keep=max_to_keep))
+    try:
+      self._manager = ocp.CheckpointManager(
+          self.directory,
+          options=ocp.CheckpointManagerOptions(save_interval_steps=interval,
+                                               max_to_keep=max_to_keep))
+    except Exception as e:  # pylint: disable=broad-except
+      if not _is_io_error(e):
+        raise
+      raise CheckpointIOError(f'Cannot use the checkpoint directory {self.directory}: '
+                              f'{_cause(e)}.') from e
 
   def __enter__(self) -> Checkpoints:
     return self
 
-  def __exit__(self, *exc) -> None:
-    self.close()
+  def __exit__(self, exc_type, exc, tb) -> None:
+    if exc is None:
+      self.close()
+      return
+    try:   # an error is on its way: closing must not replace it
+      self.close()
+    except Exception as e:  # pylint: disable=broad-except
+      logging.warning('Closing the checkpoints in %s after an error failed too: %s',
+                      self.directory, _cause(e))
+
+  def _written(self, what: str, step: int | None, write: Callable[[], Any]) -> Any:
+    """`write()`, with a storage error turned into a `CheckpointIOError` naming the path, the
+    cause and the last checkpoint kept."""
+    try:
+      return write()
+    except Exception as e:  # pylint: disable=broad-except
+      if not _is_io_error(e):
+        raise
+      try:
+        done = [s for s in self._manager.all_steps() if s != step]
+      except Exception:  # pylint: disable=broad-except
+        done = []
+      kept = (f'the checkpoint of step {max(done)} is kept and still restores' if done else
+              'no earlier checkpoint exists')
+      at = f' of step {step}' if step is not None else ''
+      raise CheckpointIOError(f'Could not {what} the checkpoint{at} in {self.directory}: '
+                              f'{_cause(e)}; {kept}. Free space or fix the permissions, then '
+                              'rerun to resume.') from e
+
+  def _check_writable(self, step: int) -> None:
+    """Refuses a save into a directory this process cannot write, before orbax starts one."""
+    if os.path.isdir(self.directory) and not os.access(self.directory, os.W_OK | os.X_OK):
+      def refuse():
+        raise PermissionError(errno.EACCES, 'the directory is not writable', self.directory)
+      self._written('write', step, refuse)
 
   def save(self, step: int, state: Any, metadata: dict[str, Any], *, force: bool = False) -> bool:
     """Saves a plain `state` tree (and JSON `metadata`) at `step` if the interval says so or
     `force`; returns whether it saved. Runs use `save_run`."""
-    saved = self._manager.save(
+    if not force and not self.should_save(step):
+      return False
+    self._check_writable(step)
+    saved = self._written('write', step, lambda: self._manager.save(
         step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                      meta=ocp.args.JsonSave(metadata)), force=force)
+                                      meta=ocp.args.JsonSave(metadata)), force=force))
     return bool(saved)
 
   def save_run(self, step: int, run: RunState, metadata: dict[str, Any], *,
                force: bool = False) -> bool:
     """Saves the run checkpoint of `run` (schema in the module docstring) with the caller's
     JSON `metadata` at `step` if the interval says so or `force`; returns whether it saved."""
-    if not force and not self._manager.should_save(step):
+    if not force and not self.should_save(step):
       return False
     items = run.items()
     meta = {**metadata, 'schema': SCHEMA, 'items': sorted(items),
             'spec': spec_json.specs_to_json(run.spec), 'ranks': dict(run.ranks),
             'trees': {k: describe(items[k]) for k in DESCRIBED if k in items}}
     args = {k: ocp.args.StandardSave(v) for k, v in items.items()}
-    saved = self._manager.save(step, args=ocp.args.Composite(**args, meta=ocp.args.JsonSave(meta)),
-                               force=force)
+    self._check_writable(step)
+    saved = self._written('write', step, lambda: self._manager.save(
+        step, args=ocp.args.Composite(**args, meta=ocp.args.JsonSave(meta)), force=force))
     return bool(saved)
 
+  def should_save(self, step: int) -> bool:
+    """Whether `save_run(step, ...)` without `force` would write a checkpoint."""
+    return bool(self._manager.should_save(step))
+
   def wait(self) -> None:
-    self._manager.wait_until_finished()
+    """Waits for pending saves (a failed one raises `CheckpointIOError`)."""
+    self._written('finish writing', None, self._manager.wait_until_finished)
 
   def steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
@@ -336,5 +408,7 @@ class Checkpoints:
     return self._newest(attempt)
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
-    self._manager.close()
+    try:
+      self.wait()
+    finally:
+      self._manager.close()

@@ -119,6 +119,7 @@ class MetricWriter:
       return
     os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, 'metrics.jsonl')
+    self._kept: set[tuple[int, str]] = set()
     if os.path.exists(path):
       kept = []
       with open(path, encoding='utf-8') as f:
@@ -129,12 +130,17 @@ class MetricWriter:
             continue
           if resume_step is None or record.get('step', 0) <= resume_step:
             kept.append(json.dumps(record) + '\n')
+            self._kept.update((record.get('step', 0), k) for k in record if k != 'step')
       with open(path, 'w', encoding='utf-8') as f:
         f.writelines(kept)
     self._jsonl = open(path, 'a', encoding='utf-8')
     name = f'events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}'
     self._events = open(os.path.join(workdir, name), 'ab')
     self._events.write(tfrecord(encode_event(time.time(), file_version='brain.Event:2')))
+
+  def has(self, step: int, name: str) -> bool:
+    """Whether the kept JSON lines (those before a resume) have metric `name` at `step`."""
+    return self.enabled and (step, name) in self._kept
 
   def write(self, step: int, metrics: Mapping[str, Any]) -> None:
     if not self.enabled:

@@ -132,6 +132,14 @@ def serves(init: str, variant: str) -> bool:
   return not record.sets_factors or variants.get(variant).from_factors is not None
 
 
+def _number(path: str, name: str, value: Any) -> float:
+  """`value` of setting `name` as a float; a string, bool or other non-number is refused."""
+  if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+    raise ValueError(f'{name}={value!r} for {path!r} must be a number; got a '
+                     f'{type(value).__name__}.')
+  return float(value)
+
+
 def _init_setting(path, variant, init, options):
   """Validated `(init, init_options)`; other spellings (PEFT's `'pissa_niter_K'`, `'pissa'`
   with niter K) resolve through the init registry."""
@@ -207,7 +215,7 @@ def _leaf_spec(path, leaf, setting, defaults, inferred, consumer=None,
     raise ValueError(f'Unknown scaling {scaling!r} for {path!r}; allowed: {list(SCALINGS)}.')
   init, init_options = _init_setting(path, variant, merged.get('init', 'kaiming'),
                                      merged.get('init_options'))
-  dropout = float(merged.get('dropout', 0.0))
+  dropout = _number(path, 'dropout', merged.get('dropout', 0.0))
   if not 0.0 <= dropout < 1.0:
     raise ValueError(f'dropout={dropout} for {path!r} must be in [0, 1).')
   batch_axes, in_axes, out_axes = _resolve_axes(path, shape, merged, inferred, consumer,
@@ -220,7 +228,9 @@ def _leaf_spec(path, leaf, setting, defaults, inferred, consumer=None,
     raise ValueError(f'rank={rank!r} for {path!r} (in {d_in}, out {d_out}) must be an int in '
                      f'[1, {min(d_in, d_out)}].')
   alpha = merged.get('alpha')
-  alpha = float(rank if alpha is None else alpha)
+  alpha = _number(path, 'alpha', rank if alpha is None else alpha)
+  if not (math.isfinite(alpha) and alpha > 0):
+    raise ValueError(f'alpha={alpha!r} for {path!r} must be a finite number > 0.')
   adapter_dtype = merged.get('dtype')
   if adapter_dtype is not None:
     try:

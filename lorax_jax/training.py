@@ -52,8 +52,17 @@ def optimizer(learning_rate: float | optax.Schedule, *, loraplus_ratio: float = 
     An `optax.GradientTransformation` for adapter trees.
 
   Raises:
-    ValueError: for a non-positive `loraplus_ratio` or a negative `weight_decay`.
+    ValueError: for a learning rate that is not a finite number > 0 (or a schedule), a
+      non-positive `loraplus_ratio` or a negative `weight_decay`.
   """
+  for name, lr in (('learning_rate', learning_rate), ('full_learning_rate', full_learning_rate)):
+    if lr is None or callable(lr):
+      continue
+    if isinstance(lr, bool) or not isinstance(lr, (int, float, np.integer, np.floating)):
+      raise ValueError(f'{name}={lr!r} must be a number or an optax schedule; got a '
+                       f'{type(lr).__name__}.')
+    if not (np.isfinite(lr) and lr > 0):
+      raise ValueError(f'{name}={lr!r} must be a finite number > 0.')
   if not loraplus_ratio > 0:
     raise ValueError(f'loraplus_ratio={loraplus_ratio!r} must be > 0 (1 disables LoRA+).')
   if weight_decay < 0:

@@ -168,6 +168,15 @@ BAD = [
                                            'its in/out axes are ambiguous'),
     ([('mlp/kernel', {'dropout': 1.0})], {}, 'dropout=1.0'),
     ([('mlp/kernel', {'dtype': 'int8'})], {}, 'adapters need a float dtype'),
+    ([('mlp/kernel', {'alpha': float('nan')})], {},
+     "alpha=nan for 'params/mlp/kernel' must be a finite number > 0"),
+    ([('mlp/kernel', {'alpha': float('inf')})], {}, 'alpha=inf'),
+    ([('mlp/kernel', {'alpha': 0})], {}, "alpha=0.0 for 'params/mlp/kernel' must be a finite"),
+    ([('mlp/kernel', {'alpha': -2})], {}, 'alpha=-2.0'),
+    ([('mlp/kernel', {'alpha': 'big'})], {},
+     "alpha='big' for 'params/mlp/kernel' must be a number; got a str"),
+    ([('mlp/kernel', {'dropout': '0.1'})], {}, "dropout='0.1' for 'params/mlp/kernel' must be a "
+                                               'number'),
     ([('mlp/kernel', {})], {'rnak': 3}, "Unknown defaults ['rnak']"),
     ([('(unclosed', {})], {}, "Rule pattern '(unclosed' is not a valid regex"),
     ([('mlp', None), ('mlp/kernel', {})], {}, "Rule 'mlp/kernel' has no effect: every path it "

@@ -87,8 +87,10 @@ def _config_file(tmp_path, body):
 @pytest.mark.parametrize('body,message', [
     ("  add('a', 'rank=2')\n  add('a', 'rank=4')\n", "Two trials are named 'a'"),
     ("  add('a', 'rank=2', **{'adapter.rnak': 3})\n",
-     "Unknown override key 'adapter.rnak': adapter has no field 'rnak'; allowed: ['alpha',"),
-    ("  add('a', 'rank=2', **{'trian.steps': 3})\n", "the config has no field 'trian'"),
+     "Unknown override key 'adapter.rnak': adapter has no field 'rnak'; did you mean 'rank'? "
+     "allowed: ['alpha',"),
+    ("  add('a', 'rank=2', **{'trian.steps': 3})\n",
+     "the config has no field 'trian'; did you mean 'train'?"),
     ("  add('a', 'rnak=2')\n", "Unknown config argument 'rnak'"),
     ("  add('a b', 'rank=2')\n", "Trial name 'a b' must be"),
     ("  pass\n", 'declares no trials'),
@@ -123,7 +125,8 @@ def test_sweep_runs_records_failures_resumes_and_reports(tmp_path):
   progress = log.read_text()
   assert re.search(r'2/3 done \(0 skipped\), 0 running, 1 failed', progress), progress
   err = open(os.path.join(workdir, 'trials', 'broken', 'error.txt')).read()
-  assert 'exit code 1' in err and 'Loss became nan' in err
+  # A NaN learning rate is a user error, refused before anything runs (exit status 2).
+  assert 'exit code 2' in err and 'train.learning_rate=nan must be a finite number > 0' in err
   rows = {r['name']: r for r in sweep.gather(path, None, workdir, TINY)}
   assert rows['broken']['status'] == 'failed' and rows['lora_r2']['status'] == 'done'
   r = rows['lora_r2']
@@ -277,3 +280,42 @@ def test_print_commands_gives_one_runnable_command_per_trial(tmp_path):
 def test_report_without_results_is_a_clear_error(tmp_path):
   with pytest.raises(ValueError, match='results.csv does not exist'):
     report.plot(str(tmp_path))
+
+
+def _cli(module, *args, cwd=ROOT):
+  return subprocess.run([sys.executable, '-m', module, *args], cwd=cwd,
+                        env=helpers.subprocess_env(), capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('args,message', [
+    (['--config', 'configs/nope.py', '--workdir', '{tmp}'],
+     "Config file 'configs/nope.py' does not exist; allowed: a config file"),
+    (['--config', 'configs/vit_digits.py:quick', '--workdir', '{tmp}', '--set',
+      'train.stepz=3'], "train has no field 'stepz'; did you mean 'steps'?"),
+    (['--config', 'configs/vit_digits.py:quick', '--workdir', '{tmp}', '--only', '(lora'],
+     "--only '(lora' is not a valid regex"),
+    (['--config', 'configs/vit_digits.py:quick', '--workdir', '{tmp}', '--only', 'zzz'],
+     "--only 'zzz' matches no trial; the sweep declares ['full', 'head', 'lora_r2'"),
+    (['--workdir', '{tmp}'], '--config and --workdir are required'),
+    (['--config', 'configs/vit_digits.py:quick', '--workdir', '{file}'], 'is a file'),
+], ids=['missing-config', 'misspelled-set', 'bad-regex', 'only-matches-nothing', 'no-config',
+        'workdir-file'])
+def test_sweep_argument_errors_exit_2_with_one_message(tmp_path, args, message):
+  (tmp_path / 'f').write_text('')
+  args = [a.format(tmp=tmp_path / 'sweep', file=tmp_path / 'f') for a in args]
+  p = _cli('experiments.sweep', *args)
+  assert p.returncode == 2, p.stderr
+  assert message in p.stderr and 'Traceback' not in p.stderr, p.stderr
+  assert not os.path.exists(tmp_path / 'sweep' / 'trials')
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('args,message', [
+    ([], 'usage: python -m experiments.report SWEEP_DIR'),
+    (['{tmp}/nope'], 'is not a directory'),
+    (['{tmp}'], 'results.csv does not exist'),
+])
+def test_report_errors_exit_2_with_one_message(tmp_path, args, message):
+  p = _cli('experiments.report', *[a.format(tmp=tmp_path) for a in args])
+  assert p.returncode == 2 and message in p.stderr and 'Traceback' not in p.stderr, p.stderr

@@ -148,6 +148,7 @@ def test_variants_train_checkpoint_and_resume(tmp_path, variant, monkeypatch):
     c.adapter.options.factor = 4
   r1 = train.train_and_evaluate(c, str(tmp_path / 'a'))
   assert r1['steps'] == 3 and 0 < r1['trainable_fraction'] < 0.5
+  os.remove(tmp_path / 'a' / 'results.json')   # killed before its results: it resumes at 3
   _forbid_setup(monkeypatch)
   r2 = train.train_and_evaluate(c, str(tmp_path / 'a'))   # restores frozen and shared arrays
   assert r2['resumed_from'] == 3 and r2['accuracy'] == r1['accuracy']
@@ -163,34 +164,92 @@ def test_inits_and_quantized_bases_train_and_resume(tmp_path, arg, monkeypatch):
   c.adapter.calibration_batches = 2
   r1 = train.train_and_evaluate(c, str(tmp_path / 'a'))
   assert r1['steps'] == 3 and 0 < r1['trainable_fraction'] < 0.5
+  os.remove(tmp_path / 'a' / 'results.json')   # killed before its results: it resumes at 3
   _forbid_setup(monkeypatch)   # the residual, LoftQ's base, EVA's ranks: from the checkpoint
   r2 = train.train_and_evaluate(c, str(tmp_path / 'a'))
   assert r2['resumed_from'] == 3 and r2['accuracy'] == r1['accuracy']
   assert r2['base_accuracy'] == r1['base_accuracy']
 
 
+def _files(workdir):
+  out = {}
+  for f in sorted(glob.glob(os.path.join(workdir, '**', '*'), recursive=True)):
+    if os.path.isfile(f):
+      with open(f, 'rb') as fh:
+        out[os.path.relpath(f, workdir)] = fh.read()
+  return out
+
+
+def _final_lines(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [l for l in f if 'final_accuracy' in l]
+
+
 @pytest.mark.slow
-def test_rerun_of_a_finished_run_resumes_at_the_end(tmp_path):
+def test_rerun_of_a_finished_run_changes_nothing(tmp_path, monkeypatch):
   c = _config(tmp_path)
-  r1 = train.train_and_evaluate(c, str(tmp_path / 'a'))
-  r2 = train.train_and_evaluate(c, str(tmp_path / 'a'))
-  assert r2['resumed_from'] == 3 and r2['accuracy'] == r1['accuracy']
+  workdir = str(tmp_path / 'a')
+  r1 = train.train_and_evaluate(c, workdir)
+  before = _files(workdir)
+  _forbid_setup(monkeypatch)   # nothing is set up, trained or evaluated again
+  monkeypatch.setattr(train, 'setup', lambda *a, **k: pytest.fail('setup ran'))
+  r2 = train.train_and_evaluate(c, workdir)
+  assert r2 == r1 and _files(workdir) == before and len(_final_lines(workdir)) == 1
 
 
 @pytest.mark.slow
-def test_checkpoint_of_another_config_is_refused(tmp_path):
+def test_run_killed_before_its_results_resumes_at_the_end_with_every_figure(tmp_path):
+  c = _config(tmp_path)
+  workdir = str(tmp_path / 'a')
+  r1 = train.train_and_evaluate(c, workdir)
+  os.remove(os.path.join(workdir, 'results.json'))   # killed after the last checkpoint
+  r2 = train.train_and_evaluate(c, workdir)
+  assert r2['resumed_from'] == 3 and r2['accuracy'] == r1['accuracy']
+  for k in ('step_memory_bytes', 'step_temp_bytes', 'step_flops'):
+    assert r2[k] is not None and r2[k] == r1[k], k
+  assert len(_final_lines(workdir)) == 1
+  with open(os.path.join(workdir, 'results.json')) as f:
+    assert json.load(f)['resumed_from'] == 3
+
+
+@pytest.mark.slow
+def test_checkpoint_of_another_config_is_refused_naming_the_fields(tmp_path):
   train.train_and_evaluate(_config(tmp_path), str(tmp_path / 'a'))
   other = _config(tmp_path, 'quick,rank=4')
-  with pytest.raises(ValueError, match='written by another config or base'):
+  with pytest.raises(ValueError, match=re.escape(
+      'written by another config or base; differences: adapter.alpha: 16.0 in the checkpoint, '
+      '8.0 now; adapter.rank: 8 in the checkpoint, 4 now. Use a new workdir.')):
     train.train_and_evaluate(other, str(tmp_path / 'a'))
+  # More steps for a finished run are refused too (its schedule decays over train.steps).
+  with pytest.raises(ValueError, match=re.escape('train.steps: 3 in the checkpoint, 5 now')):
+    train.train_and_evaluate(_config(tmp_path, steps=5), str(tmp_path / 'a'))
+
+
+def _nan_schedule(monkeypatch):
+  """A learning rate that becomes NaN (a config's NaN is refused before anything runs)."""
+  monkeypatch.setattr(train, '_base_schedule', lambda config: lambda step: jnp.float32(jnp.nan))
 
 
 @pytest.mark.slow
-def test_nan_stops_training_naming_the_step(tmp_path):
-  c = _config(tmp_path, learning_rate=float('nan'), checkpoint_every=1)
-  with pytest.raises(ValueError, match=re.escape('became NaN or infinite at step 1')):
+@pytest.mark.parametrize('checkpoint_every', [1, 2])
+def test_nan_stops_training_naming_the_step(tmp_path, monkeypatch, checkpoint_every):
+  # With checkpoint_every=2 orbax still writes its first checkpoint at step 1: it is checked too.
+  _nan_schedule(monkeypatch)
+  c = _config(tmp_path, checkpoint_every=checkpoint_every)
+  with pytest.raises(ValueError, match=re.escape('became NaN or infinite at step 1')) as e:
     train.train_and_evaluate(c, str(tmp_path / 'a'))
-  assert not os.path.exists(tmp_path / 'a' / 'checkpoints' / '1')
+  assert 'No checkpoint was written' in str(e.value)
+  assert not glob.glob(str(tmp_path / 'a' / 'checkpoints' / '[0-9]*'))
+
+
+@pytest.mark.parametrize('field,value', [
+    ('learning_rate', float('nan')), ('learning_rate', float('inf')),
+    ('learning_rate', -0.003), ('learning_rate', 0.0)])
+def test_bad_learning_rates_are_refused_before_anything_runs(tmp_path, field, value):
+  c = _config(tmp_path, **{field: value})
+  with pytest.raises(ValueError, match=re.escape(f'train.{field}={value!r} must be a finite')):
+    train.train_and_evaluate(c, str(tmp_path / 'a'))
+  assert not os.path.exists(tmp_path / 'a')
 
 
 @pytest.mark.parametrize('arg,message', [
@@ -219,6 +278,88 @@ def test_bad_config_arguments(arg, message):
     vit_digits.get_config(arg)
 
 
+def _train_cli(*args, module='experiments.train'):
+  return subprocess.run([sys.executable, '-m', module, *args], cwd=ROOT,
+                        env=helpers.subprocess_env(), capture_output=True, text=True, timeout=300)
+
+
+CLI_ERRORS = [
+    ('missing-config', ['--config', 'configs/nope.py:quick'],
+     "config file 'configs/nope.py' (from --config configs/nope.py:quick) does not exist; "
+     "allowed: a config file with get_config(arg)"),
+    ('misspelled-field', ['--config.train.stepz=10'],
+     "--config.train.stepz: train has no field 'stepz'; did you mean 'steps'? allowed: ["),
+    ('misspelled-section', ['--config', 'configs/vit_digits.py:quick', '--config.trian.steps=3'],
+     "the config has no field 'trian'; did you mean 'train'?"),
+    ('config-argument', ['--config', 'configs/vit_digits.py:quick,rnak=3'],
+     "Unknown config argument 'rnak'; allowed: ["),
+    ('flag-type', ['--config', 'configs/vit_digits.py:quick', '--config.train.steps=abc'],
+     'flag --config.train.steps=abc: invalid literal'),
+    ('unknown-flag', ['--bogus'], "Unknown command line flag 'bogus'"),
+    ('workdir-file', ['--config', 'configs/vit_digits.py:quick', '--workdir', '{file}'],
+     'is a file; allowed: a directory'),
+    ('unknown-model', ['--config', 'configs/vit_digits.py:quick,model=mlp'],
+     "Unknown model 'mlp' for task 'digits'; allowed: ['vit', 'cnn', 'resnet']"),
+    ('unknown-method', ['--config', 'configs/vit_digits.py:quick', '--config.method=magic'],
+     "Unknown method 'magic'; allowed: ['lora', 'full', 'head']"),
+    ('unknown-variant', ['--config', 'configs/vit_digits.py:quick',
+                         '--config.adapter.variant=lorra'], "Unknown variant 'lorra' for"),
+    ('unknown-init', ['--config', 'configs/vit_digits.py:quick', '--config.adapter.init=svd'],
+     "Unknown init 'svd' for"),
+    ('rank-0', ['--config', 'configs/vit_digits.py:quick', '--config.adapter.rank=0'],
+     'rank=0 for'),
+    ('negative-lr', ['--config', 'configs/vit_digits.py:quick',
+                     '--config.train.learning_rate=-0.003'],
+     'train.learning_rate=-0.003 must be a finite number > 0'),
+    ('nan-alpha', ['--config', 'configs/vit_digits.py:quick', '--config.adapter.alpha=nan'],
+     'alpha=nan for'),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('args,message', [c[1:] for c in CLI_ERRORS],
+                         ids=[c[0] for c in CLI_ERRORS])
+def test_cli_errors_exit_2_with_one_message_before_any_work(tmp_path, args, message):
+  (tmp_path / 'f').write_text('')
+  args = [a.format(file=tmp_path / 'f') for a in args]
+  if '--workdir' not in args:
+    args += ['--workdir', str(tmp_path / 'run')]
+  t0 = time.time()
+  p = _train_cli(*args, f'--config.base.dir={tmp_path / "bases"}')
+  assert p.returncode == 2, p.stderr[-3000:]
+  last = p.stderr.strip().splitlines()[-1]
+  assert last.startswith('error: ') and message in last, p.stderr[-3000:]
+  assert 'Traceback' not in p.stderr, p.stderr[-3000:]
+  # Found on the abstract shapes: no base was pretrained, no checkpoint written.
+  assert not os.path.exists(tmp_path / 'bases')
+  assert not glob.glob(str(tmp_path / 'run' / 'checkpoints' / '[0-9]*'))
+  assert time.time() - t0 < 60
+
+
+@pytest.mark.slow
+def test_export_without_a_run_exits_2(tmp_path):
+  p = _train_cli('--config', 'configs/vit_digits.py:quick', '--workdir', str(tmp_path / 'run'),
+                 f'--config.base.dir={tmp_path / "bases"}', '--config.base.steps=2',
+                 module='experiments.export')
+  assert p.returncode == 2 and 'error: No checkpoint in' in p.stderr, p.stderr[-3000:]
+  assert 'Traceback' not in p.stderr
+  p = _train_cli('--config', 'configs/nope.py', module='experiments.export')
+  assert p.returncode == 2 and "config file 'configs/nope.py'" in p.stderr, p.stderr[-3000:]
+
+
+def test_internal_errors_are_not_user_errors():
+  from experiments import cli  # pylint: disable=g-import-not-at-top
+  try:
+    np.zeros(3).reshape(2)   # a ValueError raised inside NumPy: a bug, not bad input
+  except ValueError as e:
+    assert not cli.is_user_error(e)
+  try:
+    train._check_rate('train.learning_rate', -1.0)
+  except ValueError as e:
+    assert cli.is_user_error(e)
+  assert not cli.is_user_error(KeyError('x'))
+
+
 def test_parse_arg_types():
   a = common.parse_arg('quick,rank=4,lr=0.5', quick=False, rank=8, lr=1.0, name='x')
   assert (a.quick, a.rank, a.lr, a.name) == (True, 4, 0.5, 'x')
@@ -241,6 +382,111 @@ def test_corrupt_latest_checkpoint_falls_back(tmp_path, caplog):
   assert 'falling back' in caplog.text
   with pytest.raises(ValueError, match='fits the model'):
     ck.restore_latest({'w': jnp.zeros((5,)), 'step': jnp.int32(0)})
+
+
+def _saved_once(directory):
+  ck = ckpt_lib.Checkpoints(directory, interval=1, max_to_keep=3)
+  ck.save(1, {'w': jnp.arange(3.0)}, {'tag': 1})
+  ck.wait()
+  return ck
+
+
+def _restores_step_1(directory):
+  with ckpt_lib.Checkpoints(directory, interval=1, max_to_keep=3) as ck:
+    step, restored, meta = ck.restore_latest({'w': jnp.zeros(3)})
+  assert step == 1 and meta == {'tag': 1}
+  np.testing.assert_array_equal(restored['w'], np.arange(3.0))
+
+
+def test_disk_full_is_a_clear_error_and_the_previous_checkpoint_restores(tmp_path, monkeypatch):
+  import errno  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from experiments import cli  # pylint: disable=g-import-not-at-top
+  d = str(tmp_path / 'ck')
+  ck = _saved_once(d)
+
+  def full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, 'No space left on device', os.path.join(d, '2'))
+  monkeypatch.setattr(ocp.CheckpointManager, 'save', full)
+  with pytest.raises(ckpt_lib.CheckpointIOError, match=re.escape(
+      f'Could not write the checkpoint of step 2 in {d}: No space left on device ({d}/2); the '
+      'checkpoint of step 1 is kept and still restores')) as e:
+    ck.save(2, {'w': jnp.arange(3.0) * 2}, {'tag': 2})
+  assert cli.is_user_error(e.value)   # the command line prints it and exits 2
+  monkeypatch.undo()
+  ck.close()
+  _restores_step_1(d)
+
+
+@pytest.mark.slow
+def test_run_stops_on_a_full_disk_and_resumes_from_its_last_checkpoint(tmp_path, monkeypatch):
+  import errno  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  real, calls = ocp.CheckpointManager.save, []
+
+  def save(self, step, *args, **kwargs):
+    calls.append(step)
+    if step == 3:
+      raise OSError(errno.ENOSPC, 'No space left on device')
+    return real(self, step, *args, **kwargs)
+  monkeypatch.setattr(ocp.CheckpointManager, 'save', save)
+  c = _config(tmp_path)
+  with pytest.raises(ckpt_lib.CheckpointIOError, match='of step 3 .* No space left on device; '
+                     'the checkpoint of step 2 is kept'):
+    train.train_and_evaluate(c, str(tmp_path / 'a'))
+  monkeypatch.undo()
+  r = train.train_and_evaluate(c, str(tmp_path / 'a'))
+  assert r['resumed_from'] == 2 and r['steps'] == 3
+
+
+def test_read_only_directory_is_a_clear_error(tmp_path):
+  d = str(tmp_path / 'ck')
+  ck = _saved_once(d)
+  os.chmod(d, 0o555)
+  try:
+    if os.access(d, os.W_OK):
+      pytest.skip('chmod does not make the directory read-only here (running as root)')
+    with pytest.raises(ckpt_lib.CheckpointIOError, match=re.escape(
+        f'Could not write the checkpoint of step 2 in {d}: Permission denied ({d})')):
+      ck.save(2, {'w': jnp.arange(3.0) * 2}, {'tag': 2})
+    ck.close()
+  finally:
+    os.chmod(d, 0o755)
+  _restores_step_1(d)
+
+
+def test_unwritable_directory_is_refused_before_orbax_writes(tmp_path, monkeypatch):
+  # What a read-only directory looks like to a non-root user, also where chmod cannot show it.
+  d = str(tmp_path / 'ck')
+  ck = _saved_once(d)
+  monkeypatch.setattr(ckpt_lib.os, 'access', lambda path, mode: path != d)
+  with pytest.raises(ckpt_lib.CheckpointIOError, match=re.escape(
+      f'Could not write the checkpoint of step 2 in {d}: Permission denied ({d}); the '
+      'checkpoint of step 1 is kept and still restores')):
+    ck.save(2, {'w': jnp.arange(3.0) * 2}, {'tag': 2})
+  monkeypatch.undo()
+  ck.close()
+  _restores_step_1(d)
+
+
+@pytest.mark.parametrize('kind', ['file', 'read-only'])
+def test_bad_workdirs_are_refused(tmp_path, monkeypatch, kind):
+  if kind == 'file':
+    (tmp_path / 'w').write_text('')
+    with pytest.raises(ValueError, match='is a file; allowed: a directory'):
+      train.check_workdir(str(tmp_path / 'w'))
+    return
+  monkeypatch.setattr(train.os, 'access', lambda path, mode: False)
+  with pytest.raises(ValueError, match=re.escape(
+      f'--workdir {tmp_path}/new/run: {tmp_path} is not writable; allowed: a directory')):
+    train.check_workdir(str(tmp_path / 'new' / 'run'))
+
+
+def test_unusable_checkpoint_directory_is_a_clear_error(tmp_path):
+  (tmp_path / 'f').write_text('')
+  with pytest.raises(ckpt_lib.CheckpointIOError, match=re.escape(
+      f'Cannot use the checkpoint directory {tmp_path / "f" / "ck"}:')):
+    ckpt_lib.Checkpoints(str(tmp_path / 'f' / 'ck'))
 
 
 def _cmd(workdir, cache):

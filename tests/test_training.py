@@ -144,6 +144,20 @@ def test_optimizer_bad_settings(kwargs, message):
     lj.optimizer(1e-3, **kwargs)
 
 
+@pytest.mark.parametrize('lr,message', [
+    (float('nan'), 'learning_rate=nan must be a finite number > 0'),
+    (float('inf'), 'learning_rate=inf must be a finite number > 0'),
+    (-0.003, r'learning_rate=-0\.003 must be a finite number > 0'),
+    (0.0, r'learning_rate=0\.0 must be a finite number > 0'),
+    ('1e-3', "learning_rate='1e-3' must be a number or an optax schedule; got a str"),
+])
+def test_optimizer_bad_learning_rates(lr, message):
+  with pytest.raises(ValueError, match=message):
+    lj.optimizer(lr)
+  with pytest.raises(ValueError, match='full_' + message):
+    lj.optimizer(1e-3, full_learning_rate=lr)
+
+
 def test_dropout_only_with_rng():
   model = _Mlp()
   x = jax.random.normal(jax.random.key(0), (32, 7))
