@@ -147,7 +147,14 @@ def _on_quantized(path: str, record: inits.Init) -> str:
           'quantizes it).')
 
 
+def _check_tree(adapters: Any) -> None:
+  if not isinstance(adapters, dict):
+    raise ValueError(f'adapters must be the adapter tree from lorax_jax.init (a dict of adapter '
+                     f'states); got a {type(adapters).__name__}.')
+
+
 def _flat_adapters(adapters: Any) -> dict[str, Any]:
+  _check_tree(adapters)
   if not adapters:
     return {}
   return variants.resolve_ties(paths.flat(adapters, is_leaf=is_adapter))
@@ -220,6 +227,7 @@ def labels(adapters: Any) -> Any:
 
 def count_params(adapters: Any) -> int:
   """Number of trainable scalars in an adapter tree (frozen arrays are not counted)."""
+  _check_tree(adapters)
   sizes = jax.tree_util.tree_map(lambda x: int(np.prod(np.shape(x))), adapters)
   return int(sum(n for n, l in zip(jax.tree_util.tree_leaves(sizes),
                                    jax.tree_util.tree_leaves(labels(adapters)))

@@ -33,9 +33,11 @@ def as_rule(rule: Any) -> Rule:
   """A `Rule` from a `(regex, setting[, optional])` tuple (or a `Rule`)."""
   if isinstance(rule, Rule):
     return rule
-  if isinstance(rule, (tuple, list)) and len(rule) in (2, 3) and isinstance(rule[0], str):
+  if (isinstance(rule, (tuple, list)) and len(rule) in (2, 3) and isinstance(rule[0], str)
+      and (len(rule) == 2 or isinstance(rule[2], bool))):
     return Rule(*rule)
-  raise ValueError(f'A rule must be (regex, setting) or Rule(...); got {rule!r}.')
+  raise ValueError(f'A rule must be (regex, setting), (regex, setting, optional: bool) or '
+                   f'Rule(...); got {rule!r}.')
 
 
 def select(paths: Iterable[str], rules: Sequence[Any], *, what: str = 'Rule'
@@ -54,6 +56,8 @@ def select(paths: Iterable[str], rules: Sequence[Any], *, what: str = 'Rule'
     ValueError: a rule that is not `(regex, setting)`, an invalid regex, a rule that matches no
       path, or one shadowed by earlier rules (every path it matches is decided before it).
   """
+  if isinstance(rules, (str, tuple)) and rules and isinstance(rules[0], str):
+    raise ValueError(f'{what}s must be a list of (regex, setting) rules; got {rules!r}.')
   rules = [as_rule(r) for r in rules]
   compiled = []
   for rule in rules:

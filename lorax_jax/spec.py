@@ -288,7 +288,8 @@ def make_spec(params: Any, rules: Sequence[Any], *, fn: Callable | None = None,
     A nested dict shaped like `params` with a `LeafSpec` or `None` at every leaf.
 
   Raises:
-    ValueError: a kernel selected for an adapter that `fn` consumes outside any contraction
+    ValueError: rules that select nothing to adapt or train, a kernel selected for an adapter
+      that `fn` consumes outside any contraction
       (e.g. elementwise, `x * w`: the error names the primitive), a rule that matches no path
       (or only paths earlier rules decide), an unknown
       variant, scaling, init or setting key, a rank outside [1, min(d_in, d_out)], a variant
@@ -300,9 +301,18 @@ def make_spec(params: Any, rules: Sequence[Any], *, fn: Callable | None = None,
                      f'variant options {sorted(_variant_options())}.')
   leaves = list(paths.leaves_with_paths(params))
   decided = select([p for p, _, _ in leaves], rules, what='Rule')
+  if all(r.setting is None for r in decided.values()):
+    raise ValueError(f'The rules {rules!r} select no leaf to adapt or train (every match is None '
+                     'or nothing matched), so there would be nothing to train. Paths are: '
+                     f'{[p for p, _, _ in leaves][:20]}')
   inferred, consumers = {}, {}
   if fn is not None:
-    inferred, consumers = usage_lib.infer_usage(fn, params, *args, **(kwargs or {}))
+    try:
+      inferred, consumers = usage_lib.infer_usage(fn, params, *args, **(kwargs or {}))
+    except Exception as e:
+      e.add_note(f'(raised by fn={getattr(fn, "__qualname__", fn)}, which make_spec traces '
+                 'on the parameters and args= to infer how each kernel is used)')
+      raise
   items = {}
   assumed = [] if fn is None else None
   for path, keys, leaf in leaves:
@@ -326,7 +336,11 @@ def summary(params: Any, spec: dict[str, Any], *, print_fn: Callable[[str], Any]
   """Prints (and returns) a table of what is adapted: path, shape, variant, rank, parameters.
 
   The last line gives the total trainable parameters and their fraction of the base model.
+
+  Raises:
+    ValueError: for a spec of other parameters (a path or shape `params` does not have).
   """
+  validate_against(params, spec)
   specs = spec_leaves(spec)
   total = 0
   rows = []

@@ -21,10 +21,15 @@ import optax
 from lorax_jax import adapters as adapters_lib
 from lorax_jax import sharding as sharding_lib
 from lorax_jax import variants
-from lorax_jax.dynamics.base import Dynamics, TrainState, init_state, none
+from lorax_jax.dynamics.base import (Dynamics, TrainState, check_learning_rate, init_state,
+                                     none)
 
 LABELS = ('lora_a', 'lora_b', 'full', 'frozen')
 labels = adapters_lib.labels
+
+
+def _is_number(x: Any) -> bool:
+  return not isinstance(x, bool) and isinstance(x, (int, float, np.integer, np.floating))
 
 
 def optimizer(learning_rate: float | optax.Schedule, *, loraplus_ratio: float = 1.0,
@@ -53,20 +58,17 @@ def optimizer(learning_rate: float | optax.Schedule, *, loraplus_ratio: float = 
 
   Raises:
     ValueError: for a learning rate that is not a finite number > 0 (or a schedule), a
-      non-positive `loraplus_ratio` or a negative `weight_decay`.
+      `loraplus_ratio` that is not a finite number > 0 or a `weight_decay` that is not a
+      finite number >= 0.
   """
-  for name, lr in (('learning_rate', learning_rate), ('full_learning_rate', full_learning_rate)):
-    if lr is None or callable(lr):
-      continue
-    if isinstance(lr, bool) or not isinstance(lr, (int, float, np.integer, np.floating)):
-      raise ValueError(f'{name}={lr!r} must be a number or an optax schedule; got a '
-                       f'{type(lr).__name__}.')
-    if not (np.isfinite(lr) and lr > 0):
-      raise ValueError(f'{name}={lr!r} must be a finite number > 0.')
-  if not loraplus_ratio > 0:
-    raise ValueError(f'loraplus_ratio={loraplus_ratio!r} must be > 0 (1 disables LoRA+).')
-  if weight_decay < 0:
-    raise ValueError(f'weight_decay={weight_decay!r} must be >= 0.')
+  check_learning_rate('learning_rate', learning_rate)
+  if full_learning_rate is not None:
+    check_learning_rate('full_learning_rate', full_learning_rate)
+  if not (_is_number(loraplus_ratio) and np.isfinite(loraplus_ratio) and loraplus_ratio > 0):
+    raise ValueError(f'loraplus_ratio={loraplus_ratio!r} must be a finite number > 0 (1 '
+                     'disables LoRA+).')
+  if not (_is_number(weight_decay) and np.isfinite(weight_decay) and weight_decay >= 0):
+    raise ValueError(f'weight_decay={weight_decay!r} must be a finite number >= 0.')
 
   def scaled(lr, k):
     return (lambda step: lr(step) * k) if callable(lr) else lr * k
@@ -178,7 +180,20 @@ def make_train_step(loss_fn: Callable[..., Any], tx: optax.GradientTransformatio
   Example:
     >>> step = make_train_step(loss_fn, tx)                    # doctest: +SKIP
     >>> state, loss = step(init_state(params, adapters, tx), batch, rng)   # doctest: +SKIP
+
+  Raises:
+    ValueError: for a `loss_fn` that is not callable, a `tx` that is not an optax
+      `GradientTransformation` (no `init` and `update`) or a `dyn` that is not a `Dynamics`.
   """
+  if not callable(loss_fn):
+    raise ValueError(f'loss_fn={loss_fn!r} must be a function (joined_params, batch, rng) -> '
+                     f'loss; got a {type(loss_fn).__name__}.')
+  if not (callable(getattr(tx, 'init', None)) and callable(getattr(tx, 'update', None))):
+    raise ValueError(f'tx={tx!r} must be an optax GradientTransformation (e.g. from '
+                     f'lorax_jax.optimizer); got a {type(tx).__name__}.')
+  if dyn is not None and not isinstance(dyn, Dynamics):
+    raise ValueError(f'dyn={dyn!r} must be a lorax_jax.dynamics method (e.g. '
+                     f'dynamics.relora(...)) or None; got a {type(dyn).__name__}.')
   dyn = dyn or none()
 
   def inner(count, params, adapters, opt_state, stats, batch, rng):

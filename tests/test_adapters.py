@@ -139,6 +139,16 @@ def test_init_names_a_bad_key(key, got):
     lj.init(key, params, spec)
 
 
+def test_what_is_not_an_adapter_tree_is_refused_naming_it():
+  params = {'w': jax.random.normal(jax.random.key(0), (6, 5))}
+  message = ('adapters must be the adapter tree from lorax_jax.init (a dict of adapter states); '
+             'got a ')
+  for call in (lambda: lj.merge(params, 3), lambda: lj.join(params, [1]),
+               lambda: lj.count_params((1, 2))):
+    with pytest.raises(ValueError, match=re.escape(message)):
+      call()
+
+
 def test_init_takes_typed_and_legacy_keys_alike():
   """A legacy uint32[2] key and the typed key wrapping the same bits give the same adapters."""
   params = {'w': jax.random.normal(jax.random.key(0), (6, 5))}

@@ -373,6 +373,14 @@ def test_load_peft_refuses_bad_files(minilm, tmp_path):
   for directory, message in cases:
     with pytest.raises(ValueError, match=re.escape(message)):
       lj.load_peft(str(directory), params, names)
+  # Bad arguments: exclude= as one string, a bad regex, a name map that is not one.
+  for kwargs, message in [
+      (dict(exclude='pooler'), "exclude='pooler' must be a list of regexes, not one string"),
+      (dict(exclude=['pooler[']), "exclude= pattern 'pooler[' is not a valid regex"),
+      (dict(name_map=3), 'A name map is a list of lorax_jax.models.hf.Entry or a {path: '
+                         'module} dict; got a int: 3.')]:
+    with pytest.raises(ValueError, match=re.escape(message)):
+      lj.load_peft(str(tmp_path / 'ok'), params, **{'name_map': names, **kwargs})
   # A wrong module_prefix: the file has no module the map knows.
   with pytest.raises(ValueError, match=re.escape(
       "no tensor of the file belongs to a module the name map knows: ['base_model.model.encoder."
@@ -405,6 +413,15 @@ def test_save_peft_refuses_what_peft_cannot_hold(minilm, tmp_path):
     lj.save_peft(str(tmp_path), adapters, spec, names, exclude=[r'layer0/query'])
   assert not os.path.exists(tmp_path / interop.WEIGHTS_NAME)
   spec, _, adapters = spec_of((r'layer0/(query|value)/kernel$', {'rank': 2}))
+  for kwargs, message in [
+      (dict(exclude=r'layer0/query'), "exclude='layer0/query' must be a list of regexes"),
+      (dict(exclude=['layer0/(query']), "exclude= pattern 'layer0/(query' is not a valid regex"),
+      (dict(directory=__file__), f'{__file__} is a file; allowed: a directory')]:
+    with pytest.raises(ValueError, match=re.escape(message)):
+      lj.save_peft(**{'directory': str(tmp_path), 'adapters': adapters, 'spec': spec,
+                      'name_map': names, **kwargs})
+  with pytest.raises(ValueError, match=re.escape(f'{__file__} is a file; allowed: a directory')):
+    lj.export_hf(__file__, params, names)
   config = lj.save_peft(str(tmp_path), adapters, spec, names, exclude=[r'layer0/query'])
   assert config['target_modules'] == ['encoder.layer.0.attention.self.value']
 

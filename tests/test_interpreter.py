@@ -15,9 +15,6 @@ import lorax_jax as lj
 from lorax_jax.models import Decoder
 from tests import helpers
 
-# The 2-D weights 'w' here are (in, out) by construction: make_spec is told no axes.
-pytestmark = pytest.mark.filterwarnings('ignore::lorax_jax.AxesAssumedWarning')
-
 
 def _plain(shape=(6, 5), stacked=None, rank=2, key=0):
   w = jax.random.normal(jax.random.key(key), ((stacked,) if stacked else ()) + shape)

@@ -17,9 +17,6 @@ import lorax_jax as lj
 from lorax_jax.interpreter import base, quantw
 from tests import helpers
 
-# The rows' 2-D kernels are (in, out) by construction: make_spec is told no axes.
-pytestmark = pytest.mark.filterwarnings('ignore::lorax_jax.AxesAssumedWarning')
-
 X = jax.random.normal(jax.random.key(99), (4, 6))
 IMG = jax.random.normal(jax.random.key(98), (2, 5, 5, 3))
 IMG6 = jax.random.normal(jax.random.key(96), (2, 5, 5, 6))

@@ -181,6 +181,15 @@ BAD = [
     ([('(unclosed', {})], {}, "Rule pattern '(unclosed' is not a valid regex"),
     ([('mlp', None), ('mlp/kernel', {})], {}, "Rule 'mlp/kernel' has no effect: every path it "
                                               'matches is decided by an earlier rule'),
+    # One rule given without its list, or a list's third entry that is not `optional`.
+    (('mlp/kernel', {'rank': 2}), {}, "Rules must be a list of (regex, setting) rules; got "
+                                      "('mlp/kernel', {'rank': 2})"),
+    ('mlp/kernel', {}, "Rules must be a list of (regex, setting) rules; got 'mlp/kernel'"),
+    ([('mlp/kernel', {'rank': 2}, 4)], {}, 'A rule must be (regex, setting), (regex, setting, '
+                                            'optional: bool) or Rule(...)'),
+    # Nothing to train: no rules, or rules that only freeze.
+    ([], {}, 'The rules [] select no leaf to adapt or train'),
+    ([('mlp', None)], {}, "The rules [('mlp', None)] select no leaf to adapt or train"),
 ]
 
 
@@ -189,6 +198,22 @@ def test_bad_input_messages(net, rules, defaults, message):
   _, params, _ = net
   with pytest.raises(ValueError, match=re.escape(message)):
     lj.make_spec(params, rules, **defaults)
+
+
+def test_an_error_of_fn_says_make_spec_traced_it(net):
+  model, params, ids = net
+  with pytest.raises(ValueError, match='Input type must be an integer') as e:
+    lj.make_spec(params, [('mlp/kernel', {})], fn=model.apply, args=(ids * 0.5,))
+  assert any('(raised by fn=Module.apply, which make_spec traces on the parameters and args=' in n
+             for n in getattr(e.value, '__notes__', ())), e.value
+
+
+def test_summary_of_a_spec_of_other_params_is_refused(net):
+  _, params, _ = net
+  spec = lj.make_spec(params, [('mlp/kernel', {'rank': 2})])
+  with pytest.raises(ValueError, match=re.escape("Spec path 'params/mlp/kernel' is not a "
+                                                 'parameter path')):
+    lj.summary({'params': {'other': jnp.ones((3, 3))}}, spec, print_fn=None)
 
 
 def test_non_float_leaf_is_refused():

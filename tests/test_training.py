@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -136,8 +138,12 @@ def test_weight_decay_applies_to_adapters_and_full_leaves_only(setup):
 
 
 @pytest.mark.parametrize('kwargs,message', [
-    (dict(loraplus_ratio=0.0), 'loraplus_ratio=0.0 must be > 0'),
-    (dict(weight_decay=-1.0), 'weight_decay=-1.0 must be >= 0'),
+    (dict(loraplus_ratio=0.0), 'loraplus_ratio=0.0 must be a finite number > 0'),
+    (dict(loraplus_ratio=float('nan')), 'loraplus_ratio=nan must be a finite number > 0'),
+    (dict(loraplus_ratio='16'), "loraplus_ratio='16' must be a finite number > 0"),
+    (dict(weight_decay=-1.0), 'weight_decay=-1.0 must be a finite number >= 0'),
+    (dict(weight_decay=float('nan')), 'weight_decay=nan must be a finite number >= 0'),
+    (dict(weight_decay='0.1'), "weight_decay='0.1' must be a finite number >= 0"),
 ])
 def test_optimizer_bad_settings(kwargs, message):
   with pytest.raises(ValueError, match=message):
@@ -150,12 +156,32 @@ def test_optimizer_bad_settings(kwargs, message):
     (-0.003, r'learning_rate=-0\.003 must be a finite number > 0'),
     (0.0, r'learning_rate=0\.0 must be a finite number > 0'),
     ('1e-3', "learning_rate='1e-3' must be a number or an optax schedule; got a str"),
+    (True, 'learning_rate=True must be a number or an optax schedule; got a bool'),
 ])
 def test_optimizer_bad_learning_rates(lr, message):
   with pytest.raises(ValueError, match=message):
     lj.optimizer(lr)
   with pytest.raises(ValueError, match='full_' + message):
     lj.optimizer(1e-3, full_learning_rate=lr)
+
+
+def test_make_train_step_and_init_state_refuse_what_they_cannot_run(setup):
+  _, params, adapters, _ = setup
+  tx = lj.optimizer(1e-3)
+  for args, message in [
+      ((3, tx), 'loss_fn=3 must be a function (joined_params, batch, rng) -> loss; got a int'),
+      ((lambda p, b, r: 0.0, optax.adam), 'must be an optax GradientTransformation'),
+      ((lambda p, b, r: 0.0, tx, 'relora'), "dyn='relora' must be a lorax_jax.dynamics method")]:
+    with pytest.raises(ValueError, match=re.escape(message)):
+      lj.make_train_step(*args)
+  # A method's own check runs on the adapters it is given (here rank-2 LoRA leaves).
+  with pytest.raises(ValueError, match=re.escape('dylora: min_rank=4 is above the rank 2 of')):
+    lj.init_state(params, adapters, tx, lj.dynamics.dylora(min_rank=4))
+  with pytest.raises(ValueError, match=re.escape("Dynamics 'adalora' needs leaves adapted with "
+                                                 "variant ['adalora']; the selection has")):
+    lj.init_state(params, adapters, tx, lj.dynamics.adalora(target_rank=1, total_steps=10))
+  with pytest.raises(ValueError, match=re.escape('sora: learning_rate=nan must be a finite')):
+    lj.dynamics.sora(learning_rate=float('nan'))
 
 
 def test_dropout_only_with_rng():

@@ -94,8 +94,14 @@ def none() -> Dynamics:
 def init_state(params, adapters, tx: optax.GradientTransformation, dyn: Dynamics | None = None
                ) -> TrainState:
   """The state at step 0: step 0, the base, the adapters, `tx.init(adapters)` and the method's
-  statistics."""
+  statistics.
+
+  Raises:
+    ValueError: for adapters the method cannot train (its `check`: e.g. DyLoRA's `min_rank`
+      above a leaf's rank, AdaLoRA without `adalora` leaves).
+  """
   dyn = dyn or none()
+  dyn.check(spec_of(adapters), params)
   return TrainState(jnp.int32(0), params, adapters, tx.init(adapters), dyn.init(params, adapters))
 
 
@@ -225,6 +231,12 @@ def need(dyn: Dynamics, spec: Any) -> None:
                      f'also has {other}: select only those for {dyn.name!r}.')
 
 
+def spec_of(adapters: Any) -> dict[str, Any]:
+  """The spec (`{..: LeafSpec}`) the adapter states of `adapters` were made from."""
+  flat = paths.flat(adapters, is_leaf=is_adapter) if adapters else {}
+  return paths.nest({tuple(p.split('/')): a.spec for p, a in flat.items() if is_adapter(a)})
+
+
 def check_ranks(dyn: Dynamics, spec: Any) -> None:
   """`dyn.check_rank` for every leaf of the variants it acts on."""
   for path, s in spec_leaves(spec).items():
@@ -256,6 +268,18 @@ def check_float(name: str, key: str, value: Any, lo: float, hi: float | None = N
     ok = (v > lo if open_lo else v >= lo) and (hi is None or (v < hi if open_hi else v <= hi))
   if not ok:
     lb, rb = '(' if open_lo else '[', ')' if open_hi else ']'
-    rng = f'{lb}{lo}, {hi}{rb}' if hi is not None else f'{">" if open_lo else ">="} {lo}'
-    raise ValueError(f'{name}: {key}={value!r} must be a number in {rng}.')
+    rng = f'in {lb}{lo}, {hi}{rb}' if hi is not None else f'{">" if open_lo else ">="} {lo}'
+    raise ValueError(f'{name}: {key}={value!r} must be a number {rng}.')
   return float(value)
+
+
+def check_learning_rate(name: str, lr: Any) -> Any:
+  """`lr` if it is a finite number > 0 or a schedule (a callable); ValueError naming `name`."""
+  if callable(lr):
+    return lr
+  if isinstance(lr, bool) or not isinstance(lr, (int, float, np.integer, np.floating)):
+    raise ValueError(f'{name}={lr!r} must be a number or an optax schedule; got a '
+                     f'{type(lr).__name__}.')
+  if not (np.isfinite(lr) and lr > 0):
+    raise ValueError(f'{name}={lr!r} must be a finite number > 0.')
+  return lr

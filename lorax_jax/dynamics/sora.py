@@ -38,9 +38,11 @@ def sora(*, learning_rate: float | optax.Schedule, sparsity: float = 3e-4, every
     The method (it `resizes`).
 
   Raises:
-    ValueError: for a negative `sparsity` or `every` < 1.
+    ValueError: for a learning rate that is not a finite number > 0 (or a schedule), a
+      negative `sparsity` or `every` < 1.
   """
   name = 'sora'
+  learning_rate = base.check_learning_rate(f'{name}: learning_rate', learning_rate)
   sparsity = base.check_float(name, 'sparsity', sparsity, 0.0)
   every = base.check_int(name, 'every', every, 1)
   lr = learning_rate if callable(learning_rate) else (lambda step: learning_rate)

@@ -33,9 +33,12 @@ def export_hf(directory: str, params: Any, name_map: Any, *, config: dict[str, A
 
   Returns:
     The tensor names written.
+
+  Raises:
+    ValueError: for a `directory` that is a file or a name map that is not one.
   """
   tensors = hf.to_hf(params, hf_layout.name_map_entries(name_map, params), dtype=dtype)
-  os.makedirs(directory, exist_ok=True)
+  hf_layout.output_directory(directory)
   if source is not None:
     tensors = _with_source(tensors, source, directory)
   if config is not None:

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Mapping, Sequence
+import os
+import re
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -49,12 +51,37 @@ def name_map_entries(name_map: Any, params: Any = None,
         out.append(hf.Entry(f'{module}.weight', path, np.transpose,
                             None if shape is None else tuple(shape)[::-1], kind='linear'))
     return out
+  if isinstance(name_map, (str, bytes)) or not isinstance(name_map, Iterable):
+    raise ValueError(f'A name map is a list of lorax_jax.models.hf.Entry or a {{path: module}} '
+                     f'dict; got a {type(name_map).__name__}: {name_map!r}.')
   entries = list(name_map)
   bad = [e for e in entries if not isinstance(e, hf.Entry)]
   if bad:
     raise ValueError(f'A name map is a list of lorax_jax.models.hf.Entry or a {{path: module}} '
                      f'dict; got {bad[0]!r}.')
   return entries
+
+
+def excludes(exclude: Any) -> list[re.Pattern]:
+  """The compiled `exclude=` regexes of `save_peft` / `load_peft`; ValueError for a bad one."""
+  if isinstance(exclude, (str, bytes)):
+    raise ValueError(f'exclude={exclude!r} must be a list of regexes, not one string (which '
+                     f'would be read as single characters); e.g. exclude=[{exclude!r}].')
+  out = []
+  for rx in exclude:
+    try:
+      out.append(re.compile(rx))
+    except (re.error, TypeError) as e:
+      raise ValueError(f'exclude= pattern {rx!r} is not a valid regex: {e}') from None
+  return out
+
+
+def output_directory(directory: str) -> str:
+  """Creates `directory` (and its parents) to write files into; ValueError if it is a file."""
+  if os.path.exists(directory) and not os.path.isdir(directory):
+    raise ValueError(f'{directory} is a file; allowed: a directory (created if missing).')
+  os.makedirs(directory, exist_ok=True)
+  return directory
 
 
 def weight_entries(entries: Sequence[hf.Entry]) -> dict[str, list[hf.Entry]]:

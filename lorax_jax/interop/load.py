@@ -52,11 +52,13 @@ def load_peft(directory: str, params: Any, name_map: Any, *, module_prefix: str 
     `full` leaves.
 
   Raises:
-    ValueError: for what `read_peft_config` refuses, a missing or corrupt safetensors file,
+    ValueError: for a name map or `exclude` regex that is not one, what `read_peft_config`
+      refuses, a missing or corrupt safetensors file,
       tensors holding NaN or inf (named), tensor names that are not PEFT's, missing tensors or
       wrong shapes of modules the name map knows, ranks that do not match the config, or a file
       with nothing the name map knows.
   """
+  exclude = hf_layout.excludes(exclude)
   config = schema.read_peft_config(directory)
   tensors = hf.load_safetensors(os.path.join(directory, schema.WEIGHTS_NAME))
   _check_finite(directory, tensors)
@@ -148,8 +150,8 @@ def _split(directory: str, tensors: dict, by_module: dict, by_key: dict, module_
     ours = file_module.startswith(module_prefix)
     module, name = file_module[len(module_prefix):], file_name[len(module_prefix):]
     targets = ([f'{module}.weight'] if part else [name]) if ours else []
-    if any(re.search(rx, file_module) or
-           any(re.search(rx, e.path) for k in targets for e in by_key.get(k, ()))
+    if any(rx.search(file_module) or
+           any(rx.search(e.path) for k in targets for e in by_key.get(k, ()))
            for rx in exclude):
       continue
     if not ours:

@@ -47,12 +47,14 @@ def save_peft(directory: str, adapters: Any, spec: Any, name_map: Any, *, params
     The config dict written.
 
   Raises:
-    ValueError: for a variant PEFT has no LoRA format for, an adapter against a residual base,
+    ValueError: for a `directory` that is a file, an `exclude` regex that is not one, a variant
+      PEFT has no LoRA format for, an adapter against a residual base,
       adapted paths with no entry in the name map, DoRA mixed with LoRA (PEFT's `use_dora` is
       global), or a fused module that DoRA adapts only in part.
   """
   flat = paths.flat(adapters, is_leaf=adapters_lib.is_adapter)
-  flat = {p: a for p, a in flat.items() if not any(re.search(rx, p) for rx in exclude)}
+  exclude = hf_layout.excludes(exclude)
+  flat = {p: a for p, a in flat.items() if not any(rx.search(p) for rx in exclude)}
   # A {path: module} map takes its shapes from `params`, else from the adapters' specs.
   shapes = {p: tuple(a.spec.shape) for p, a in flat.items() if hasattr(a, 'spec')}
   entries = hf_layout.name_map_entries(name_map, params, shapes=shapes)
@@ -80,7 +82,7 @@ def save_peft(directory: str, adapters: Any, spec: Any, name_map: Any, *, params
       ranks, alphas, dropouts=dropouts, kinds=kinds, rslora=rslora, use_dora=codec.use_dora,
       lora_biases=bool(lora_biases), modules_to_save=[module_prefix + m for m in to_save],
       task_type=task_type, base_model_name_or_path=base_model_name_or_path)
-  os.makedirs(directory, exist_ok=True)
+  hf_layout.output_directory(directory)
   hf.save_safetensors(tensors, os.path.join(directory, schema.WEIGHTS_NAME))
   schema.write_config(directory, config)
   return config
