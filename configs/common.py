@@ -110,7 +110,8 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any]
   """Sets dotted keys (`'adapter.scaling'`) as `--config.adapter.scaling=...` would.
 
   Raises:
-    ValueError: for a key that is not in the config, naming the allowed keys at that level.
+    ValueError: for a key that is not in the config, naming the allowed keys at that level, or
+      a value of another type than the field's.
   """
   for key, value in overrides.items():
     node, parts = config, key.split('.')
@@ -123,7 +124,12 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any]
         raise ValueError(f'Unknown override key {key!r}: {where} has no field {part!r}; '
                          f'{hint}allowed: {allowed}.')
       if i == len(parts) - 1:
-        node[part] = value
+        try:
+          node[part] = value
+        except TypeError:   # ml_collections refuses a value of another type than the field's
+          raise ValueError(f'Override {key}={value!r}: {key} is of type '
+                           f'{type(node[part]).__name__} (now {node[part]!r}); got type '
+                           f'{type(value).__name__}.') from None
       else:
         node = node[part]
   return config

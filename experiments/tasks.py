@@ -66,6 +66,11 @@ def _check_model(config):
 
 def _digits(config) -> Task:
   m, d = config.model, config.data
+  for name in ('pretrain_classes', 'adapt_classes'):
+    too_big = [c for c in d[name] if isinstance(c, int) and c >= m.num_classes]
+    if too_big:
+      raise ValueError(f'data.{name} has {too_big}, but model.num_classes={m.num_classes}; '
+                       f'allowed: labels below model.num_classes.')
   model = {'vit': lambda: ViT(num_classes=m.num_classes, size=m.size),
            'cnn': lambda: SmallCNN(num_classes=m.num_classes),
            'resnet': lambda: ResNet(num_classes=m.num_classes)}[m.name]()

@@ -103,9 +103,13 @@ def _check(config) -> lj.dynamics.Dynamics | None:
   """Validates `config`; returns its dynamics (built here, so bad settings fail first)."""
   if config.method not in METHODS:
     raise ValueError(f'Unknown method {config.method!r}; allowed: {list(METHODS)}.')
-  for name in ('steps', 'eval_every', 'checkpoint_every', 'log_every'):
-    if config.train[name] <= 0:
+  for name in ('steps', 'eval_every', 'checkpoint_every', 'log_every', 'max_to_keep'):
+    if name in config.train and config.train[name] <= 0:
       raise ValueError(f'train.{name}={config.train[name]} must be > 0.')
+  if config.get('data') and config.data.get('batch_size', 1) <= 0:
+    raise ValueError(f'data.batch_size={config.data.batch_size} must be > 0.')
+  if isinstance(config.seed, bool) or not isinstance(config.seed, int) or config.seed < 0:
+    raise ValueError(f'seed={config.seed!r} must be an int >= 0.')
   _check_rate('train.learning_rate', config.train.learning_rate)
   if not 0 <= config.train.warmup_steps < config.train.steps:
     raise ValueError(f'train.warmup_steps={config.train.warmup_steps} must be in '
@@ -124,15 +128,16 @@ def _check(config) -> lj.dynamics.Dynamics | None:
 
 def _check_rate(name: str, value) -> None:
   """Refuses a learning rate `value` of config field `name` that is not a finite number > 0."""
-  if isinstance(value, bool) or not isinstance(value, (int, float)):
+  if callable(value):
     raise ValueError(f'{name}={value!r} must be a number; got a {type(value).__name__}.')
-  if not (np.isfinite(value) and value > 0):
-    raise ValueError(f'{name}={value!r} must be a finite number > 0.')
+  lj.dynamics.base.check_learning_rate(name, value)
 
 
 def check_workdir(workdir: str) -> None:
   """Refuses a `workdir` that is a file, or a directory (or its nearest existing parent) that
   is not writable, before anything runs."""
+  if not workdir:
+    raise ValueError('--workdir is empty; allowed: a directory path (new or existing).')
   path = os.path.abspath(workdir)
   if os.path.exists(path) and not os.path.isdir(path):
     raise ValueError(f'--workdir {workdir} is a file; allowed: a directory (new or existing).')

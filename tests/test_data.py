@@ -33,6 +33,8 @@ def test_digits_upsampling_repeats_pixels():
 @pytest.mark.parametrize('kwargs,message', [
     (dict(split='val'), "split='val'; allowed: 'train', 'test'"),
     (dict(classes=[3, 11]), 'classes [11] are not digits'),
+    (dict(classes=()), 'classes=() must be distinct digits, at least one'),
+    (dict(classes=(5, 5)), 'classes=(5, 5) must be distinct digits, at least one'),
     (dict(size=12), 'size=12 must be a positive multiple of 8'),
     (dict(test_fraction=1.0), 'test_fraction=1.0 must be in (0, 1)'),
 ])

@@ -297,9 +297,11 @@ def _cli(module, *args, cwd=ROOT):
      "--only '(lora' is not a valid regex"),
     (['--config', 'configs/vit_digits.py:quick', '--workdir', '{tmp}', '--only', 'zzz'],
      "--only 'zzz' matches no trial; the sweep declares ['full', 'head', 'lora_r2'"),
+    (['--config', 'configs/vit_digits.py:quick', '--workdir', '{tmp}', '--set',
+      'train.steps=abc'], "Override train.steps='abc': train.steps is of type int"),
     (['--workdir', '{tmp}'], '--config and --workdir are required'),
     (['--config', 'configs/vit_digits.py:quick', '--workdir', '{file}'], 'is a file'),
-], ids=['missing-config', 'misspelled-set', 'bad-regex', 'only-matches-nothing', 'no-config',
+], ids=['missing-config', 'misspelled-set', 'set-type', 'bad-regex', 'only-matches-nothing', 'no-config',
         'workdir-file'])
 def test_sweep_argument_errors_exit_2_with_one_message(tmp_path, args, message):
   (tmp_path / 'f').write_text('')

@@ -252,6 +252,28 @@ def test_bad_learning_rates_are_refused_before_anything_runs(tmp_path, field, va
   assert not os.path.exists(tmp_path / 'a')
 
 
+@pytest.mark.parametrize('field,value,message', [
+    ('seed', -1, 'seed=-1 must be an int >= 0'),
+    ('train.max_to_keep', 0, 'train.max_to_keep=0 must be > 0'),
+    ('train.log_every', 0, 'train.log_every=0 must be > 0'),
+    ('train.warmup_steps', 3, 'train.warmup_steps=3 must be in [0, train.steps=3)'),
+    ('data.batch_size', 0, 'data.batch_size=0 must be > 0'),
+    ('model.num_classes', 3, 'data.pretrain_classes has [3, 4], but model.num_classes=3'),
+])
+def test_bad_config_fields_are_refused_before_anything_runs(tmp_path, field, value, message):
+  c = common.apply_overrides(_config(tmp_path), {field: value})
+  with pytest.raises(ValueError, match=re.escape(message)):
+    train.train_and_evaluate(c, str(tmp_path / 'a'))
+  assert not os.path.exists(tmp_path / 'bases')   # no base was pretrained
+  assert not glob.glob(str(tmp_path / 'a' / 'checkpoints' / '[0-9]*'))
+
+
+def test_override_of_another_type_is_refused_naming_the_field():
+  with pytest.raises(ValueError, match=re.escape(
+      "Override train.steps='abc': train.steps is of type int (now 100); got type str.")):
+    common.apply_overrides(vit_digits.get_config('quick'), {'train.steps': 'abc'})
+
+
 @pytest.mark.parametrize('arg,message', [
     ('quick,method=magic', "Unknown method 'magic'; allowed: ['lora', 'full', 'head']"),
     ('quick,model=mlp', "Unknown model 'mlp' for task 'digits'; allowed: ['vit', 'cnn', "
@@ -298,6 +320,8 @@ CLI_ERRORS = [
     ('unknown-flag', ['--bogus'], "Unknown command line flag 'bogus'"),
     ('workdir-file', ['--config', 'configs/vit_digits.py:quick', '--workdir', '{file}'],
      'is a file; allowed: a directory'),
+    ('workdir-empty', ['--config', 'configs/vit_digits.py:quick', '--workdir', ''],
+     '--workdir is empty; allowed: a directory path'),
     ('unknown-model', ['--config', 'configs/vit_digits.py:quick,model=mlp'],
      "Unknown model 'mlp' for task 'digits'; allowed: ['vit', 'cnn', 'resnet']"),
     ('unknown-method', ['--config', 'configs/vit_digits.py:quick', '--config.method=magic'],
@@ -469,8 +493,12 @@ def test_unwritable_directory_is_refused_before_orbax_writes(tmp_path, monkeypat
   _restores_step_1(d)
 
 
-@pytest.mark.parametrize('kind', ['file', 'read-only'])
+@pytest.mark.parametrize('kind', ['file', 'read-only', 'empty'])
 def test_bad_workdirs_are_refused(tmp_path, monkeypatch, kind):
+  if kind == 'empty':
+    with pytest.raises(ValueError, match=re.escape('--workdir is empty; allowed: a directory')):
+      train.check_workdir('')
+    return
   if kind == 'file':
     (tmp_path / 'w').write_text('')
     with pytest.raises(ValueError, match='is a file; allowed: a directory'):

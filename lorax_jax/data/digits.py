@@ -18,7 +18,8 @@ def digits(classes: Sequence[int] = tuple(range(10)), *, split: str = 'train',
   `range(5)`, adapt on `range(5, 10)`.
 
   Raises:
-    ValueError: for an unknown split, a class outside 0..9, a bad test fraction or size.
+    ValueError: for an unknown split, a class outside 0..9, no classes or a repeated one, a bad
+      test fraction or size.
   """
   if size < 8 or size % 8:
     raise ValueError(f'size={size} must be a positive multiple of 8.')
@@ -27,9 +28,12 @@ def digits(classes: Sequence[int] = tuple(range(10)), *, split: str = 'train',
     raise ValueError(f"split={split!r}; allowed: 'train', 'test'.")
   if not 0 < test_fraction < 1:
     raise ValueError(f'test_fraction={test_fraction} must be in (0, 1).')
+  classes = list(classes)
   bad = [c for c in classes if c not in range(10)]
   if bad:
     raise ValueError(f'classes {bad} are not digits; allowed: 0..9.')
+  if not classes or len(set(classes)) < len(classes):
+    raise ValueError(f'classes={tuple(classes)} must be distinct digits, at least one.')
   data = load_digits()
   x = (data.images / 16.0).astype(np.float32)[..., None]
   y = data.target.astype(np.int32)
