@@ -5,7 +5,6 @@ from __future__ import annotations
 import collections
 import math
 import os
-import re
 from typing import Any, Sequence
 
 import numpy as np
