@@ -247,8 +247,10 @@ def run(config_path: str, arg: str | None, workdir: str, workers: int = 1,
   def show():
     done = sum(s in ('done', 'skipped') for s in status.values())
     failed = sum(s == 'failed' for s in status.values())
+    interrupted = sum(s == 'interrupted' for s in status.values())
     print(f'[sweep] {done}/{total} done ({sum(s == "skipped" for s in status.values())} '
-          f'skipped), {len(running)} running, {failed} failed, {len(queue)} queued',
+          f'skipped), {len(running)} running, {failed} failed, '
+          + (f'{interrupted} interrupted, ' if interrupted else '') + f'{len(queue)} queued',
           file=out, flush=True)
 
   with _Stop(running) as stop:

@@ -213,6 +213,7 @@ def test_sigterm_of_a_sweep_stops_its_trials_with_checkpoints_and_a_rerun_resume
     proc.kill()
   assert proc.returncode == 1, out[-3000:]
   assert "interrupted: ['a'] (rerun the sweep to resume them)" in out
+  assert '[sweep] 0/2 done (0 skipped), 0 running, 0 failed, 1 interrupted, 1 queued' in out
   assert pid and not _group_alive(pid)        # the trainer was its group's leader
   assert open(os.path.join(tdir, 'interrupted.txt')).read().startswith('exit code 143\n')
   steps = [int(d) for d in os.listdir(os.path.join(tdir, 'checkpoints')) if d.isdigit()]
