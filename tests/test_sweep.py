@@ -153,7 +153,9 @@ def test_sweep_runs_records_failures_resumes_and_reports(tmp_path):
 
 
 def _group_alive(pgid: int) -> list[int]:
-  """The live (not zombie) processes of the process group `pgid` (Linux: from /proc)."""
+  """The live processes of the process group `pgid` (Linux: from /proc): those with a thread
+  that is not a zombie. (A killed multithreaded process shows its main thread as a zombie
+  while other threads still exit; its files, and its locks, go with the last one.)"""
   alive = []
   for entry in os.listdir('/proc'):
     if not entry.isdigit():
@@ -161,9 +163,15 @@ def _group_alive(pgid: int) -> list[int]:
     try:
       with open(f'/proc/{entry}/stat') as f:
         fields = f.read().rsplit(')', 1)[1].split()
+      if int(fields[2]) != pgid:
+        continue
+      states = []
+      for tid in os.listdir(f'/proc/{entry}/task'):
+        with open(f'/proc/{entry}/task/{tid}/stat') as f:
+          states.append(f.read().rsplit(')', 1)[1].split()[0])
     except OSError:
       continue
-    if int(fields[2]) == pgid and fields[0] not in 'ZX':
+    if any(state not in 'ZX' for state in states):
       alive.append(int(entry))
   return alive
 
