@@ -9,6 +9,7 @@ import json
 import os
 import re
 import signal
+import shutil
 import socket
 import subprocess
 import sys
@@ -185,11 +186,24 @@ def _final_lines(workdir):
     return [l for l in f if 'final_accuracy' in l]
 
 
+@pytest.fixture(scope='module')
+def finished(tmp_path_factory):
+  """One finished run, `(config, workdir, results)`, trained once per module (and worker)."""
+  root = tmp_path_factory.mktemp('finished')
+  c = _config(root)
+  return c, str(root / 'a'), train.train_and_evaluate(c, str(root / 'a'))
+
+
+def _copy_of(finished, tmp_path):
+  """`finished` in a workdir of this test's own: `(config, workdir, results)`."""
+  c, workdir, results = finished
+  shutil.copytree(workdir, tmp_path / 'a')
+  return c, str(tmp_path / 'a'), results
+
+
 @pytest.mark.slow
-def test_rerun_of_a_finished_run_changes_nothing(tmp_path, monkeypatch):
-  c = _config(tmp_path)
-  workdir = str(tmp_path / 'a')
-  r1 = train.train_and_evaluate(c, workdir)
+def test_rerun_of_a_finished_run_changes_nothing(finished, tmp_path, monkeypatch):
+  c, workdir, r1 = _copy_of(finished, tmp_path)
   before = _files(workdir)
   _forbid_setup(monkeypatch)   # nothing is set up, trained or evaluated again
   monkeypatch.setattr(train, 'setup', lambda *a, **k: pytest.fail('setup ran'))
@@ -198,10 +212,8 @@ def test_rerun_of_a_finished_run_changes_nothing(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_run_killed_before_its_results_resumes_at_the_end_with_every_figure(tmp_path):
-  c = _config(tmp_path)
-  workdir = str(tmp_path / 'a')
-  r1 = train.train_and_evaluate(c, workdir)
+def test_run_killed_before_its_results_resumes_at_the_end_with_every_figure(finished, tmp_path):
+  c, workdir, r1 = _copy_of(finished, tmp_path)
   os.remove(os.path.join(workdir, 'results.json'))   # killed after the last checkpoint
   r2 = train.train_and_evaluate(c, workdir)
   assert r2['resumed_from'] == 3 and r2['accuracy'] == r1['accuracy']
@@ -213,16 +225,18 @@ def test_run_killed_before_its_results_resumes_at_the_end_with_every_figure(tmp_
 
 
 @pytest.mark.slow
-def test_checkpoint_of_another_config_is_refused_naming_the_fields(tmp_path):
-  train.train_and_evaluate(_config(tmp_path), str(tmp_path / 'a'))
-  other = _config(tmp_path, 'quick,rank=4')
+def test_checkpoint_of_another_config_is_refused_naming_the_fields(finished, tmp_path):
+  c, workdir, _ = _copy_of(finished, tmp_path)
+  other = common.apply_overrides(c.copy_and_resolve_references(), {'adapter.rank': 4,
+                                                                   'adapter.alpha': 8.0})
   with pytest.raises(ValueError, match=re.escape(
       'written by another config or base; differences: adapter.alpha: 16.0 in the checkpoint, '
       '8.0 now; adapter.rank: 8 in the checkpoint, 4 now. Use a new workdir.')):
-    train.train_and_evaluate(other, str(tmp_path / 'a'))
+    train.train_and_evaluate(other, workdir)
   # More steps for a finished run are refused too (its schedule decays over train.steps).
+  more = common.apply_overrides(c.copy_and_resolve_references(), {'train.steps': 5})
   with pytest.raises(ValueError, match=re.escape('train.steps: 3 in the checkpoint, 5 now')):
-    train.train_and_evaluate(_config(tmp_path, steps=5), str(tmp_path / 'a'))
+    train.train_and_evaluate(more, workdir)
 
 
 def _nan_schedule(monkeypatch):
