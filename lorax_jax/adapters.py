@@ -287,6 +287,7 @@ def merge(params: Any, adapters: dict[str, Any], *, donate: bool = False,
     A parameter tree like `params` for the plain, un-transformed model; with `return_cache`,
     `(merged, cache)`.
   """
+  _check_tree(adapters)
   return (_merge_jit_donate if donate else _merge_jit)(params, adapters,
                                                        return_cache=return_cache,
                                                        requantize=requantize)
@@ -308,6 +309,7 @@ def unmerge(merged: Any, adapters: dict[str, Any], *, cache: dict[str, Any] | No
   Raises:
     ValueError: for a DoRA leaf without its cache entry.
   """
+  _check_tree(adapters)
   return (_unmerge_jit_donate if donate else _unmerge_jit)(merged, adapters, cache)
 
 

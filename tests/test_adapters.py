@@ -143,9 +143,10 @@ def test_what_is_not_an_adapter_tree_is_refused_naming_it():
   params = {'w': jax.random.normal(jax.random.key(0), (6, 5))}
   message = ('adapters must be the adapter tree from lorax_jax.init (a dict of adapter states); '
              'got a ')
-  for call in (lambda: lj.merge(params, 3), lambda: lj.join(params, [1]),
-               lambda: lj.count_params((1, 2))):
-    with pytest.raises(ValueError, match=re.escape(message)):
+  for call, got in ((lambda: lj.merge(params, 3), 'int'), (lambda: lj.unmerge(params, 3), 'int'),
+                    (lambda: lj.join(params, [1]), 'list'),
+                    (lambda: lj.count_params((1, 2)), 'tuple')):
+    with pytest.raises(ValueError, match=re.escape(message + got + '.')):
       call()
 
 

@@ -163,5 +163,8 @@ def _check_fields(path: str, config: dict[str, Any]) -> None:
   if config.get('bias', 'none') not in ('none', 'all', 'lora_only'):
     raise ValueError(f"{path}: bias={config['bias']!r}; allowed: 'none', 'all', 'lora_only'.")
   for key in ('r', 'lora_alpha'):
-    if not isinstance(config.get(key, 1), (int, float)) or isinstance(config.get(key), bool):
-      raise ValueError(f'{path}: {key}={config.get(key)!r} must be a number.')
+    value = config.get(key, 1)
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+      raise ValueError(f'{path}: {key}={value!r} must be a number.')
+    if not (math.isfinite(value) and value > 0):
+      raise ValueError(f'{path}: {key}={value!r} must be a finite number > 0.')
