@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import jax
 import jax.numpy as jnp
@@ -179,3 +180,19 @@ def assert_identity_at_init(fn, params, adapters, *args, strict=True):
     assert np.max(np.abs(out - base)) <= 1e-5 * max(np.max(np.abs(base)), 1e-30)
   assert_close_compiled(jax.jit(apply)(joined, *args), jax.jit(fn)(params, *args),
                         jnp.asarray(base_out).dtype)
+
+
+def wait_for(predicate, proc, what: str, timeout: float = 300) -> None:
+  """Polls `predicate()` until it holds; fails if the process `proc` ends first or `timeout`
+  seconds pass."""
+  deadline = time.time() + timeout
+  while not predicate():
+    assert proc.poll() is None, f'the process ended (exit {proc.returncode}) before {what}'
+    assert time.time() < deadline, f'no {what} after {timeout} s'
+    time.sleep(0.05)
+
+
+def has_loss(workdir: str) -> bool:
+  """Whether the run in `workdir` has logged a training loss (its first step is done)."""
+  path = os.path.join(workdir, 'metrics.jsonl')
+  return os.path.exists(path) and '"loss"' in open(path).read()

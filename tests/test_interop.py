@@ -471,9 +471,9 @@ def test_export_of_a_training_run(tmp_path, arg='quick,init=pissa'):
     export.restore(vit_digits.get_config('quick,rank=2'), str(tmp_path / 'run'))
 
 
-def test_round_trip_constant_scale_lora_fa_and_a_dict_name_map(tmp_path):
-  """A `{path: module}` name map for plain Dense layers; a constant scale and LoRA-FA (saved as
-  LoRA) come back with the same merged weights."""
+def _mlp():
+  """torch's `nn.Sequential(Linear(6, 7), ReLU(), Linear(7, 5))` in Flax: `(apply, params)`
+  with `apply(params, x)`."""
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
 
   class MLP(nn.Module):
@@ -481,8 +481,15 @@ def test_round_trip_constant_scale_lora_fa_and_a_dict_name_map(tmp_path):
     def __call__(self, x):
       return nn.Dense(5, name='fc2')(nn.relu(nn.Dense(7, name='fc1')(x)))
 
+  apply = lambda p, x: MLP().apply({'params': p}, x)
+  return apply, MLP().init(jax.random.key(0), np.zeros((1, 6), np.float32))['params']
+
+
+def test_round_trip_constant_scale_lora_fa_and_a_dict_name_map(tmp_path):
+  """A `{path: module}` name map for plain Dense layers; a constant scale and LoRA-FA (saved as
+  LoRA) come back with the same merged weights."""
   x = np.random.default_rng(0).normal(size=(3, 6)).astype(np.float32)
-  params = MLP().init(jax.random.key(0), x)['params']
+  apply, params = _mlp()
   spec = lj.make_spec(params, [('fc1/kernel', {'rank': 3, 'alpha': 0.7, 'scaling': 'constant'}),
                                ('fc2/kernel', {'variant': 'lora_fa', 'rank': 2}),
                                ('fc2/bias', 'full')])
@@ -508,7 +515,7 @@ def test_round_trip_constant_scale_lora_fa_and_a_dict_name_map(tmp_path):
   loaded = peft.PeftModel.from_pretrained(net, str(tmp_path)).eval()
   with torch.no_grad():
     theirs = loaded(torch.tensor(x)).numpy()
-  ours = np.asarray(lj.lora(lambda p, v: MLP().apply({'params': p}, v))(
+  ours = np.asarray(lj.lora(apply)(
       lj.join(params, adapters), x))
   assert _rel(ours, theirs) < 1e-5
 
@@ -576,15 +583,8 @@ def test_load_peft_skips_modules_the_name_map_does_not_know(minilm, tmp_path):
 def test_save_peft_with_a_dict_name_map_needs_no_params(tmp_path):
   """A `{path: module}` name map takes its shapes from the adapters: the file written without
   `params=` is the one written with it, and PEFT loads it onto the torch model."""
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
-
-  class MLP(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-      return nn.Dense(5, name='fc2')(nn.relu(nn.Dense(7, name='fc1')(x)))
-
   x = np.random.default_rng(1).normal(size=(3, 6)).astype(np.float32)
-  params = MLP().init(jax.random.key(0), x)['params']
+  apply, params = _mlp()
   spec = lj.make_spec(params, [('fc1/kernel', {'rank': 3, 'alpha': 6.0}),
                                ('fc2/kernel', {'rank': 2, 'alpha': 2.0})])
   params, adapters = lj.init(jax.random.key(1), params, spec)
@@ -605,6 +605,6 @@ def test_save_peft_with_a_dict_name_map_needs_no_params(tmp_path):
   loaded = peft.PeftModel.from_pretrained(net, str(tmp_path / 'no_params')).eval()
   with torch.no_grad():
     theirs = loaded(torch.tensor(x)).numpy()
-  ours = np.asarray(lj.lora(lambda p, v: MLP().apply({'params': p}, v))(
+  ours = np.asarray(lj.lora(apply)(
       lj.join(params, adapters), x))
   assert _rel(ours, theirs) < 1e-5

@@ -176,19 +176,6 @@ def _group_alive(pgid: int) -> list[int]:
   return alive
 
 
-def _wait_for(predicate, proc, what, timeout=300):
-  deadline = time.time() + timeout
-  while not predicate():
-    assert proc.poll() is None, f'the sweep ended (exit {proc.returncode}) before {what}'
-    assert time.time() < deadline, f'no {what} after {timeout} s'
-    time.sleep(0.05)
-
-
-def _trained_a_step(tdir):
-  path = os.path.join(tdir, 'metrics.jsonl')
-  return os.path.exists(path) and '"loss"' in open(path).read()
-
-
 # Steps enough that no trial ends before the signal (the first loss line comes at step 1).
 LONG = {'base.steps': 20, 'train.steps': 40, 'train.warmup_steps': 1, 'train.eval_every': 20,
         'train.checkpoint_every': 1000, 'train.log_every': 1}
@@ -213,7 +200,7 @@ def test_sigterm_of_a_sweep_stops_its_trials_with_checkpoints_and_a_rerun_resume
   proc = subprocess.Popen(_sweep_cmd(path, workdir, LONG), cwd=ROOT, env=helpers.subprocess_env(),
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   try:
-    _wait_for(lambda: _trained_a_step(tdir), proc, "trial a's first step")
+    helpers.wait_for(lambda: helpers.has_loss(tdir), proc, "trial a's first step")
     pid = workdir_lock.holder(tdir)
     proc.send_signal(signal.SIGTERM)
     out = proc.communicate(timeout=300)[0]
@@ -255,7 +242,7 @@ def test_sigkill_of_a_sweep_leaves_no_trainer_running(tmp_path):
                           stderr=subprocess.DEVNULL)
   pids = []
   try:
-    _wait_for(lambda: all(workdir_lock.holder(d) for d in tdirs), proc, 'both trainers')
+    helpers.wait_for(lambda: all(workdir_lock.holder(d) for d in tdirs), proc, 'both trainers')
     pids = [workdir_lock.holder(d) for d in tdirs]
     assert all(_group_alive(p) for p in pids)
   finally:

@@ -708,19 +708,6 @@ def _long_cmd(workdir, cache):
                                       '--config.base.steps=20', f'--config.base.dir={cache}']
 
 
-def _wait_for(predicate, proc, what, timeout=300):
-  deadline = time.time() + timeout
-  while not predicate():
-    assert proc.poll() is None, f'the run ended (exit {proc.returncode}) before {what}'
-    assert time.time() < deadline, f'no {what} after {timeout} s'
-    time.sleep(0.05)
-
-
-def _has_loss(workdir):
-  path = os.path.join(workdir, 'metrics.jsonl')
-  return os.path.exists(path) and '"loss"' in open(path).read()
-
-
 @pytest.mark.slow
 def test_second_trainer_in_a_locked_workdir_exits_2_and_sigkill_releases_the_lock(tmp_path):
   env = helpers.subprocess_env()
@@ -728,7 +715,7 @@ def test_second_trainer_in_a_locked_workdir_exits_2_and_sigkill_releases_the_loc
   first = subprocess.Popen(_long_cmd(dir_, cache), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                            stderr=subprocess.DEVNULL)
   try:
-    _wait_for(lambda: workdir_lock.holder(dir_) == first.pid, first, 'the lock')
+    helpers.wait_for(lambda: workdir_lock.holder(dir_) == first.pid, first, 'the lock')
     second = subprocess.run(_long_cmd(dir_, cache), cwd=ROOT, env=env, capture_output=True,
                             text=True, timeout=300)
     assert second.returncode == 2, second.stderr[-3000:]
@@ -750,7 +737,7 @@ def test_a_signal_stops_the_trainer_after_its_step_with_a_checkpoint(tmp_path, s
   proc = subprocess.Popen(_long_cmd(dir_, cache), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                           stderr=subprocess.PIPE, text=True)
   try:
-    _wait_for(lambda: _has_loss(dir_), proc, 'a training step')
+    helpers.wait_for(lambda: helpers.has_loss(dir_), proc, 'a training step')
     proc.send_signal(sig)
     err = proc.communicate(timeout=300)[1]
   finally:
@@ -777,7 +764,7 @@ def test_a_signal_to_one_process_of_two_stops_both_after_the_same_step(tmp_path)
       cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
            for i in range(2)]
   try:
-    _wait_for(lambda: _has_loss(dir_), procs[0], 'a training step')   # process 0 writes it
+    helpers.wait_for(lambda: helpers.has_loss(dir_), procs[0], 'a training step')   # process 0 writes it
     procs[1].send_signal(signal.SIGTERM)     # only the other one is told
     errs = [p.communicate(timeout=300)[1] for p in procs]
   finally:
