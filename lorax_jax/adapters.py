@@ -126,10 +126,11 @@ def init(key: jax.Array, params: Any, spec: dict[str, Any], *, fn: Any = None,
   for keys, adapter in adapters.items():  # tied variants: the first leaf of a group owns it
     tie = variants.tie_of(adapter)
     if tie is not None:
-      if variants.tie_group(adapter) in owners:
+      group = variants.tie_group(adapter)
+      if group in owners:
         adapters[keys] = tie.strip(adapter)
       else:
-        owners.add(variants.tie_group(adapter))
+        owners.add(group)
   if changed:
     params = jax.tree_util.tree_map_with_path(
         lambda kp, x: changed.get(paths.path_str(kp), x), params, is_leaf=quant_lib.is_quantized)

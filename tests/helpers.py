@@ -108,7 +108,6 @@ def assert_factored_and_merged_match_float64(fn, params, adapters, args, dtype):
     assert err < effect / CLOSER, f'{name}: error {err:.3g} vs the adapter\'s effect {effect:.3g}'
 
 
-
 def mean_square_loss(fn):
   """A train-step loss `(joined, batch, rng) -> mean(lora(fn)(joined, *batch)^2)`."""
   apply = lj.lora(fn)
