@@ -52,6 +52,25 @@ def test_full_leaves_replace_the_base_in_lora_and_merge():
                                 adapters['head']['kernel'].value)
 
 
+@pytest.mark.parametrize('variant', ['lora', 'dora', 'lokr'])
+def test_merged_inference_costs_exactly_the_base_flops(variant):
+  """After `merge`, the plain model runs at the base's cost: the same FLOPs, and the merged
+  tree has the base's shapes and dtypes (so it is the same compiled program)."""
+  from lorax_jax.models import Decoder  # pylint: disable=g-import-not-at-top
+  model = Decoder(vocab_size=64, d_model=32, num_layers=1, num_heads=2, mlp_dim=64)
+  tokens = jax.random.randint(jax.random.key(0), (2, 8), 0, 64)
+  params = model.init(jax.random.key(1), tokens)
+  spec = lj.make_spec(params, lj.dense_kernels(variant=variant, rank=2), fn=model.apply,
+                      args=(tokens,))
+  base, adapters = lj.init(jax.random.key(2), params, spec)
+  merged = lj.merge(base, helpers.randomize(adapters, jax.random.key(3)))
+  same = lambda a, b: (a.shape, a.dtype) == (b.shape, b.dtype)
+  assert jax.tree_util.tree_all(jax.tree_util.tree_map(same, merged, base))
+  from experiments.benchmarks import common  # pylint: disable=g-import-not-at-top
+  flops = lambda p: common.compiled_cost(jax.jit(model.apply).lower(p, tokens).compile())[0]
+  assert flops(merged) == flops(base) > 0
+
+
 def test_merge_and_unmerge_with_donation():
   params, adapters = _setup()
   expected = np.asarray(params['enc']['kernel']) + np.asarray(

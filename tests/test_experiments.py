@@ -1,4 +1,4 @@
-"""One-run smoke tests of the entry points: the quick start and the step-cost benchmark."""
+"""One-run smoke tests of the entry points: the quick start and the benchmarks."""
 
 from __future__ import annotations
 
@@ -104,3 +104,20 @@ def test_rank_dynamics_benchmark_checks_its_claims(tmp_path):
   rows = {l.split()[0]: l.split() for l in proc.stdout.splitlines() if l.split()}
   assert rows['lora'][2] == '2.00' and float(rows['relora'][2]) > 2   # effective rank
   assert float(rows['relora'][10]) <= 1.5                              # step memory x LoRA
+
+
+def test_peers_benchmark_runs_every_side_on_one_model():
+  pytest.importorskip('qwix', reason='the peers come from the bench extra')
+  env = helpers.subprocess_env()   # FLOP counts and losses, not times: fast compiles will do
+  proc = subprocess.run(
+      [sys.executable, '-m', 'experiments.benchmarks.peers', '--d_model', '64', '--layers', '1',
+       '--batch', '2', '--seq', '16', '--rounds', '2'],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stdout + proc.stderr   # finite, the same base model
+  rows = {l.split()[0]: l.split() for l in proc.stdout.splitlines() if l.split()}
+  for side in ('full', 'nnx', 'qwix', 'lorax', 'floor'):
+    assert side in rows, proc.stdout
+  # FLOPs x full: every LoRA side does less than full fine-tuning, and no less than the floor.
+  flops = {side: float(rows[side][2]) for side in ('nnx', 'qwix', 'lorax', 'floor')}
+  assert flops['floor'] <= min(flops[s] for s in ('nnx', 'qwix', 'lorax'))
+  assert max(flops[s] for s in ('nnx', 'qwix', 'lorax')) < 1.0
