@@ -40,10 +40,16 @@ CONFIGS = {'vit_digits': vit_digits, 'decoder_lm': decoder_lm,
            'minilm_docstrings': minilm_docstrings}
 
 
-def _config(tmp_path, arg='quick', module=vit_digits, **train_overrides):
+@pytest.fixture(scope='session')
+def bases(tmp_path_factory):
+  """A base cache shared by the training tests that do not test the cache (one per worker)."""
+  return tmp_path_factory.mktemp('bases')
+
+
+def _config(tmp_path, arg='quick', module=vit_digits, bases=None, **train_overrides):
   c = module.get_config(arg)
   c.base.steps = 3
-  c.base.dir = str(tmp_path / 'bases')
+  c.base.dir = str(bases or tmp_path / 'bases')
   c.train.steps = 3
   c.train.warmup_steps = 1
   c.train.eval_every = 2
@@ -94,8 +100,8 @@ def test_every_config_builds(name, arg):
 
 
 @pytest.mark.slow
-def test_rules_from_the_config(tmp_path):
-  c = _config(tmp_path)
+def test_rules_from_the_config(tmp_path, bases):
+  c = _config(tmp_path, bases=bases)
   c.rules = [(r'head/', 'full'), (r'block0/query/kernel', {'rank': 2, 'alpha': 4.0})]
   r = train.train_and_evaluate(c, str(tmp_path / 'run'))
   head = 64 * 10 + 10
@@ -143,8 +149,8 @@ def _forbid_setup(monkeypatch):
 # shared arrays held by one leaf (None elsewhere), a Kronecker factor.
 @pytest.mark.slow
 @pytest.mark.parametrize('variant', ['dora', 'lora_fa', 'tied_lora', 'lokr'])
-def test_variants_train_checkpoint_and_resume(tmp_path, variant, monkeypatch):
-  c = _config(tmp_path, f'quick,variant={variant},rank=4')
+def test_variants_train_checkpoint_and_resume(tmp_path, variant, monkeypatch, bases):
+  c = _config(tmp_path, f'quick,variant={variant},rank=4', bases=bases)
   if variant == 'lokr':
     c.adapter.options.factor = 4
   r1 = train.train_and_evaluate(c, str(tmp_path / 'a'))
@@ -160,8 +166,8 @@ def test_variants_train_checkpoint_and_resume(tmp_path, variant, monkeypatch):
 @pytest.mark.slow
 @pytest.mark.parametrize('arg', ['init=pissa_niter_4,quant=nf4', 'init=loftq',
                                  'init=eva,quant=int8'])
-def test_inits_and_quantized_bases_train_and_resume(tmp_path, arg, monkeypatch):
-  c = _config(tmp_path, f'quick,rank=4,{arg}')
+def test_inits_and_quantized_bases_train_and_resume(tmp_path, arg, monkeypatch, bases):
+  c = _config(tmp_path, f'quick,rank=4,{arg}', bases=bases)
   c.adapter.calibration_batches = 2
   r1 = train.train_and_evaluate(c, str(tmp_path / 'a'))
   assert r1['steps'] == 3 and 0 < r1['trainable_fraction'] < 0.5
@@ -187,10 +193,10 @@ def _final_lines(workdir):
 
 
 @pytest.fixture(scope='module')
-def finished(tmp_path_factory):
+def finished(tmp_path_factory, bases):
   """One finished run, `(config, workdir, results)`, trained once per module (and worker)."""
   root = tmp_path_factory.mktemp('finished')
-  c = _config(root)
+  c = _config(root, bases=bases)
   return c, str(root / 'a'), train.train_and_evaluate(c, str(root / 'a'))
 
 
