@@ -22,14 +22,10 @@ from lorax_jax import adapters as adapters_lib
 from lorax_jax import sharding as sharding_lib
 from lorax_jax import variants
 from lorax_jax.dynamics.base import (Dynamics, TrainState, check_learning_rate, init_state,
-                                     none)
+                                     is_number, none)
 
 LABELS = ('lora_a', 'lora_b', 'full', 'frozen')
 labels = adapters_lib.labels
-
-
-def _is_number(x: Any) -> bool:
-  return not isinstance(x, bool) and isinstance(x, (int, float, np.integer, np.floating))
 
 
 def optimizer(learning_rate: float | optax.Schedule, *, loraplus_ratio: float = 1.0,
@@ -64,10 +60,10 @@ def optimizer(learning_rate: float | optax.Schedule, *, loraplus_ratio: float = 
   check_learning_rate('learning_rate', learning_rate)
   if full_learning_rate is not None:
     check_learning_rate('full_learning_rate', full_learning_rate)
-  if not (_is_number(loraplus_ratio) and np.isfinite(loraplus_ratio) and loraplus_ratio > 0):
+  if not (is_number(loraplus_ratio) and np.isfinite(loraplus_ratio) and loraplus_ratio > 0):
     raise ValueError(f'loraplus_ratio={loraplus_ratio!r} must be a finite number > 0 (1 '
                      'disables LoRA+).')
-  if not (_is_number(weight_decay) and np.isfinite(weight_decay) and weight_decay >= 0):
+  if not (is_number(weight_decay) and np.isfinite(weight_decay) and weight_decay >= 0):
     raise ValueError(f'weight_decay={weight_decay!r} must be a finite number >= 0.')
 
   def scaled(lr, k):

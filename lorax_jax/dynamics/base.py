@@ -273,11 +273,16 @@ def check_float(name: str, key: str, value: Any, lo: float, hi: float | None = N
   return float(value)
 
 
+def is_number(x: Any) -> bool:
+  """Whether `x` is a Python or NumPy int or float (not a bool, a string or an array)."""
+  return not isinstance(x, bool) and isinstance(x, (int, float, np.integer, np.floating))
+
+
 def check_learning_rate(name: str, lr: Any) -> Any:
   """`lr` if it is a finite number > 0 or a schedule (a callable); ValueError naming `name`."""
   if callable(lr):
     return lr
-  if isinstance(lr, bool) or not isinstance(lr, (int, float, np.integer, np.floating)):
+  if not is_number(lr):
     raise ValueError(f'{name}={lr!r} must be a number or an optax schedule; got a '
                      f'{type(lr).__name__}.')
   if not (np.isfinite(lr) and lr > 0):

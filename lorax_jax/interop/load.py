@@ -130,7 +130,7 @@ def _parse(file_name: str) -> tuple[str, str | None]:
 
 
 def _split(directory: str, tensors: dict, by_module: dict, by_key: dict, module_prefix: str,
-           exclude: Sequence[str]) -> tuple[dict, dict]:
+           exclude: Sequence[re.Pattern]) -> tuple[dict, dict]:
   """`({module: {part: array}}, {tensor name: array})`: the LoRA parts and the whole tensors of
   the modules the name map knows and `exclude` keeps; the others are skipped with a warning.
 
