@@ -8,8 +8,9 @@ process compiles fast and once:
   fusions (`FAST_COMPILE`): the suite's programs compile about 5x faster (2.2x of it from the
   emitters) and, being small, run hardly slower. They compute the same functions, and every
   comparison of two programs is within a per-dtype tolerance anyway (tests/helpers.py). The
-  training runs that tests start compile the same way; benchmarks, whose claims are about the
-  code users run, get only the user's flags (`helpers.subprocess_env`).
+  training runs and benchmarks that tests start compile the same way (`helpers.subprocess_env`:
+  what the tests check of a benchmark, FLOP and byte counts, does not depend on code
+  generation).
   `LORAX_JAX_TEST_FAST_COMPILE=0` tests the fully optimized code everywhere (.ci/run does, for
   the law tests).
 - A persistent compilation cache of this test run's own, shared by its xdist workers and the
@@ -26,8 +27,6 @@ import tempfile
 _COUNT = '--xla_force_host_platform_device_count'
 FAST_COMPILE = ('--xla_backend_optimization_level=0', '--xla_llvm_disable_expensive_passes=true',
                 '--xla_cpu_use_fusion_emitters=false')
-# The flags the user gave, for the scripts tests start (xdist workers inherit the first reading).
-os.environ.setdefault('LORAX_JAX_TEST_USER_XLA_FLAGS', os.environ.get('XLA_FLAGS', ''))
 _flags = os.environ.get('XLA_FLAGS', '').split()
 if not any(f.startswith(_COUNT) for f in _flags):
   _flags.append(f'{_COUNT}=8')

@@ -33,7 +33,7 @@ def test_quickstart_is_deterministic():
 
 
 def test_step_cost_benchmark_passes_its_claims():
-  env = helpers.subprocess_env(optimized=True)
+  env = helpers.subprocess_env()
   proc = subprocess.run(
       [sys.executable, '-m', 'experiments.benchmarks.step_cost', '--batch', '2', '--seq', '64',
        '--repeats', '1'], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -46,7 +46,7 @@ def test_step_cost_benchmark_passes_its_claims():
 
 
 def test_variants_cost_benchmark_covers_every_variant_and_gates_dora():
-  env = helpers.subprocess_env(optimized=True)
+  env = helpers.subprocess_env()
   proc = subprocess.run(
       [sys.executable, '-m', 'experiments.benchmarks.variants_cost', '--d_model', '64',
        '--layers', '1', '--batch', '2', '--seq', '32', '--repeats', '1'],
@@ -62,7 +62,7 @@ def test_variants_cost_benchmark_covers_every_variant_and_gates_dora():
 
 
 def test_sharding_cost_benchmark_reports_every_layout():
-  env = helpers.subprocess_env(optimized=True)
+  env = helpers.subprocess_env()
   proc = subprocess.run(
       [sys.executable, '-m', 'experiments.benchmarks.sharding_cost', '--d_model', '64',
        '--layers', '1', '--seq', '16'], cwd=ROOT, env=env, capture_output=True, text=True,
@@ -76,7 +76,7 @@ def test_sharding_cost_benchmark_reports_every_layout():
 
 
 def test_quant_init_benchmark_passes_its_claims():
-  env = helpers.subprocess_env(optimized=True)
+  env = helpers.subprocess_env()
   # Wall-time claims are the benchmark's (on a loaded 2-core machine a 1024 x 1024 SVD race is
   # noise): here the speedup gate is off, the numeric claims are checked.
   proc = subprocess.run(
@@ -94,7 +94,7 @@ def test_quant_init_benchmark_passes_its_claims():
 
 
 def test_rank_dynamics_benchmark_checks_its_claims(tmp_path):
-  env = helpers.subprocess_env(optimized=True, LORAX_JAX_CACHE=str(tmp_path / 'bases'))
+  env = helpers.subprocess_env(LORAX_JAX_CACHE=str(tmp_path / 'bases'))
   proc = subprocess.run(
       [sys.executable, '-m', 'experiments.benchmarks.rank_dynamics', '--quick', '--steps', '8',
        '--rank', '2', '--model', 'cnn', '--methods', 'lora,relora',
