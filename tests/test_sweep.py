@@ -36,7 +36,7 @@ def test_every_config_has_a_sweep():
 
 
 @pytest.mark.parametrize('path', CONFIGS, ids=os.path.basename)
-def test_every_sweep_expands_and_every_trial_config_builds(path):
+def test_every_sweep_expands_and_every_trial_config_builds(path, monkeypatch):
   full = sweep.trials(path)
   names = [t.name for t in full]
   assert len(set(names)) == len(names) and {'full', 'head'} <= set(names)
@@ -66,6 +66,16 @@ def test_every_sweep_expands_and_every_trial_config_builds(path):
       largest[kind] = (rank, t)
   task = tasks.make_task(module.get_config(largest['lora'][1].arg))
   params = jax.eval_shape(task.model.init, jax.random.key(0), *task.example)
+  # One model, one trace: how the model uses its kernels is the same for every trial (tracing
+  # the real MiniLM once per kind of trial took most of this test's 20 s).
+  traced, infer_usage = [], lj.spec.usage_lib.infer_usage
+
+  def infer_once(*args, **kwargs):
+    if not traced:
+      traced.append(infer_usage(*args, **kwargs))
+    return traced[0]
+
+  monkeypatch.setattr(lj.spec.usage_lib, 'infer_usage', infer_once)
   for kind, (_, t) in largest.items():
     config = common.apply_overrides(module.get_config(t.arg), dict(t.overrides))
     spec = lj.make_spec(params, train._rules(config), fn=task.model.apply, args=task.example)

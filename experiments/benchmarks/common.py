@@ -20,6 +20,15 @@ def compiled_cost(compiled) -> tuple[float, dict[str, int]]:
   return float(cost.get('flops', 0.0)), {f: int(getattr(mem, f, 0) or 0) for f in fields}
 
 
+def bytes_accessed(compiled) -> float:
+  """XLA's count of the bytes a compiled function reads and writes (`cost_analysis()`'s
+  'bytes accessed'): what a layout that copies activations around costs, on any machine."""
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0]
+  return float(cost.get('bytes accessed', 0.0))
+
+
 def median_time(fn, args, repeats):
   """Median wall time of `fn(*args)` over `repeats` calls, after one warm-up call."""
   out = fn(*args)

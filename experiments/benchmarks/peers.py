@@ -15,8 +15,9 @@ rank-r LoRA on every block kernel (q, k, v, out, gate, up, down), trained with A
 Every side is compiled first, then the steps are timed interleaved (one step of each side per
 round) and the median of `--rounds` rounds is reported, so that drifts of the machine's speed
 hit every side alike. No buffers are donated. Printed per side: XLA's FLOPs
-(`cost_analysis()`), compiled bytes (arguments + outputs + temporaries, `memory_analysis()`)
-and the median wall time, each as a ratio to full fine-tuning and to the best peer (the better
+(`cost_analysis()`), compiled bytes (arguments + outputs + temporaries, `memory_analysis()`),
+the bytes the step reads and writes (`cost_analysis()`'s 'bytes accessed': copies of
+activations show here on any machine) and the median wall time, each as a ratio to full fine-tuning and to the best peer (the better
 of nnx and qwix).
 
 The peers come from the `bench` extra (`pip install -e ".[bench]"`, Qwix pinned). Every side has
@@ -185,7 +186,8 @@ def measure(rounds=15, **sizes) -> dict[str, dict[str, Any]]:
     compiled[side] = jax.jit(step).lower(*args).compile()
     flops, mem = common.compiled_cost(compiled[side])
     loss = float(compiled[side](*args)[-1])
-    results[side] = dict(flops=flops, **mem, loss=loss)
+    results[side] = dict(flops=flops, moved=common.bytes_accessed(compiled[side]), **mem,
+                         loss=loss)
   times = {side: [] for side in runs}
   for _ in range(rounds):
     for side, (_, args) in runs.items():
@@ -204,12 +206,13 @@ def report(results) -> str:
   for r in results.values():
     r['bytes'] = total(r)
   head = (f'{"side":<7}{"GFLOPs":>9}{"x full":>8}{"x peer":>8}{"MiB":>9}{"x full":>8}'
-          f'{"x peer":>8}{"step ms":>9}{"x full":>8}{"x peer":>8}{"loss":>9}')
+          f'{"x peer":>8}{"GB moved":>9}{"x full":>8}{"x peer":>8}{"step ms":>9}{"x full":>8}'
+          f'{"x peer":>8}{"loss":>9}')
   lines = [head]
   for side, r in results.items():
     cells = [f'{side:<7}']
     for key, scale, fmt in (('flops', 1e9, '9.3f'), ('bytes', 2**20, '9.1f'),
-                            ('seconds', 1e-3, '9.2f')):
+                            ('moved', 1e9, '9.3f'), ('seconds', 1e-3, '9.2f')):
       cells.append(f'{r[key] / scale:{fmt}}{r[key] / full[key]:8.3f}{r[key] / best(key):8.3f}')
     cells.append(f'{r["loss"]:9.4f}')
     lines.append(''.join(cells))

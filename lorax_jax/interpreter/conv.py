@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from lorax_jax.interpreter import axes
 from lorax_jax.interpreter import base
 from lorax_jax.interpreter.quantw import bind_quant
-from lorax_jax.interpreter.values import LowRank, add_scaled, dropout, scale_at
+from lorax_jax.interpreter.values import LowRank, add_side, dropout, scale_at, scaled
 
 
 def factored(eqn, invals, ctx):
@@ -49,9 +49,9 @@ def factored(eqn, invals, ctx):
                 preferred_element_type=p.get('preferred_element_type'))
   t = jax.lax.conv_general_dilated(x, a_k, p['window_strides'], p['padding'], p['lhs_dilation'],
                                    p['rhs_dilation'], **common).astype(dtype)
-  d = jax.lax.conv_general_dilated(t, b_k, (1,) * nsp, [(0, 0)] * nsp, (1,) * nsp, (1,) * nsp,
-                                   **common)
-  return [scale_at(add_scaled(y, d, v.scale), v, [dn.out_spec[1]])]
+  d = jax.lax.conv_general_dilated(scaled(t, v.scale), b_k, (1,) * nsp, [(0, 0)] * nsp,
+                                   (1,) * nsp, (1,) * nsp, **common)
+  return [scale_at(add_side(y, d), v, [dn.out_spec[1]])]
 
 
 def infer(eqn, ins, usage):

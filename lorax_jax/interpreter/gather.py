@@ -9,7 +9,7 @@ import numpy as np
 from lorax_jax.interpreter import axes
 from lorax_jax.interpreter import base
 from lorax_jax.interpreter.quantw import bind_quant
-from lorax_jax.interpreter.values import LowRank, add_scaled, scale_at
+from lorax_jax.interpreter.values import LowRank, add_side, scale_at, scaled
 
 
 def factored(eqn, invals, ctx):
@@ -46,10 +46,13 @@ def factored(eqn, invals, ctx):
   ga = jnp.squeeze(ga, tuple(o_pos))                      # other output dims, r
   ins = tuple(d for d in range(n) if kinds[d] == 'i')
   b_sq = jnp.squeeze(v.b, ins).astype(v.w.dtype)          # out axes in W order, r
-  d = jax.lax.dot_general(ga, b_sq, (([ga.ndim - 1], [b_sq.ndim - 1]), ([], [])))
+  # On 2-D views with r first in B, as in `dot_general` (its weight gradient then contracts the
+  # tokens of dy as dy is laid out); the scale on the rank-r rows.
+  b2 = jnp.moveaxis(b_sq, -1, 0).reshape(r, -1)
+  d = jax.lax.dot(scaled(ga.reshape(-1, r), v.scale), b2).reshape(ga.shape[:-1] + b_sq.shape[:-1])
   order = [q for q in range(out_rank) if q not in o_pos] + o_pos
   d = jnp.transpose(d, np.argsort(order))
-  return [scale_at(add_scaled(y, d, v.scale), v, o_pos)]
+  return [scale_at(add_side(y, d), v, o_pos)]
 
 
 def infer(eqn, ins, usage):

@@ -137,8 +137,16 @@ def materialize_all(outs, ctx, why):
   return [materialize(o, ctx, why) for o in outs]
 
 
-def add_scaled(y, d, scale: float):
-  return y + (d if scale == 1.0 else scale * d).astype(y.dtype)
+def scaled(t, scale: float):
+  """`scale * t` in t's dtype. The factored rules scale the rank-r product (x @ A), the
+  smallest array of the side path, not the layer's output, so that neither the forward nor
+  the backward pass makes an extra pass over an output-sized array for it."""
+  return t if scale == 1.0 else t * jnp.asarray(scale, t.dtype)
+
+
+def add_side(y, d):
+  """The layer's output plus its side path, in the output's dtype."""
+  return y + d.astype(y.dtype)
 
 
 def scale_at(y, v: LowRank, positions):
