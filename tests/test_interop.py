@@ -90,6 +90,7 @@ def _random_adapters(adapters, key):
   return jax.tree_util.tree_map_with_path(one, adapters, is_leaf=lj.adapters.is_adapter)
 
 
+@pytest.mark.slow   # the real MiniLM against PEFT per variant; the quick tier keeps the format tests
 @pytest.mark.parametrize('variant,scaling', [('lora', 'alpha/r'), ('lora', 'rslora'),
                                              ('dora', 'alpha/r')])
 def test_lorax_to_peft_minilm_embeddings(minilm, tmp_path, variant, scaling):
@@ -124,6 +125,7 @@ def test_lorax_to_peft_minilm_embeddings(minilm, tmp_path, variant, scaling):
   assert {s.variant for s in got.values()} == {variant, 'full'}
 
 
+@pytest.mark.slow   # the real MiniLM against PEFT per variant; the quick tier keeps the format tests
 @pytest.mark.parametrize('kind', ['lora', 'rslora', 'dora'])
 def test_peft_to_lorax_minilm_embeddings(minilm, tmp_path, kind):
   model, params, ids, mask, names = minilm
@@ -216,6 +218,7 @@ def test_gpt2_fused_attention_both_ways(tmp_path):
   assert lj.spec.spec_leaves(spec2)['h0/fc/kernel'].rank == 2
 
 
+@pytest.mark.slow   # a whole Llama both ways, twice
 @pytest.mark.parametrize('scan_layers', [False, True])
 def test_llama_both_ways(tmp_path, scan_layers):
   """Llama (grouped-query k/v, SwiGLU): per-layer PEFT modules <-> stacked (scanned) adapters;

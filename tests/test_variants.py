@@ -520,6 +520,7 @@ def test_variant_options_and_errors():
   assert s['w'].opt('factor') == 4 and s['v'].options == ()
 
 
+@pytest.mark.slow   # a training run per variant
 def test_every_variant_trains_a_small_model():
   """Ten steps of each variant on one task lower the loss (the configs' path, end to end)."""
   model, params, _, x = _two_layers('lora')
