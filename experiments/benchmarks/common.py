@@ -9,24 +9,25 @@ import jax
 import numpy as np
 
 
+def _cost(compiled) -> dict:
+  """`cost_analysis()` as one dict (older JAX returns a list of one)."""
+  cost = compiled.cost_analysis()
+  return cost[0] if isinstance(cost, (list, tuple)) else cost
+
+
 def compiled_cost(compiled) -> tuple[float, dict[str, int]]:
   """XLA's FLOP count and memory sizes (bytes) of a compiled function."""
-  cost = compiled.cost_analysis()
-  if isinstance(cost, (list, tuple)):
-    cost = cost[0]
   mem = compiled.memory_analysis()
   fields = ('argument_size_in_bytes', 'output_size_in_bytes', 'temp_size_in_bytes',
             'alias_size_in_bytes')
-  return float(cost.get('flops', 0.0)), {f: int(getattr(mem, f, 0) or 0) for f in fields}
+  return float(_cost(compiled).get('flops', 0.0)), {f: int(getattr(mem, f, 0) or 0)
+                                                    for f in fields}
 
 
 def bytes_accessed(compiled) -> float:
   """XLA's count of the bytes a compiled function reads and writes (`cost_analysis()`'s
   'bytes accessed'): what a layout that copies activations around costs, on any machine."""
-  cost = compiled.cost_analysis()
-  if isinstance(cost, (list, tuple)):
-    cost = cost[0]
-  return float(cost.get('bytes accessed', 0.0))
+  return float(_cost(compiled).get('bytes accessed', 0.0))
 
 
 def median_time(fn, args, repeats):
