@@ -4,6 +4,8 @@
     params, adapters = init(key, params, spec)      # create
     y = lora(apply)(join(params, adapters), x)      # run, factored
     merged = merge(params, adapters)                # export
+    one = combine([a1, a2], [0.7, 0.3], 'ties_svd', density=0.5)   # PEFT's add_weighted_adapter
+    y = lora(apply)(join(params, stack_adapters([a1, a2])), x, adapter_ids=ids)  # mixed batch
     save_peft(dir, adapters, spec, name_map)        # Hugging Face PEFT files (and load_peft)
 
     qparams = quantize(params, spec)                # QLoRA: an NF4 base, dequantized on use
@@ -13,12 +15,15 @@
     step = make_train_step(loss_fn, tx, dyn)        # COLA, Delta-LoRA: hooks in that step
 """
 
-from lorax_jax import adapters, calibration, dynamics, inits, interop, paths, quant  # noqa: F401
+from lorax_jax import adapters, calibration, dynamics, inits, interop, merging, paths  # noqa: F401
+from lorax_jax import quant  # noqa: F401
 from lorax_jax import variants  # noqa: F401
-from lorax_jax.adapters import (Adapted, count_params, init, join, merge, split, to_lora,
-                                unmerge)
+from lorax_jax.adapters import (Adapted, count_params, init, join, merge, num_stacked,
+                                replace_adapter, split, stack_adapters, to_lora, unmerge,
+                                unstack_adapters)
 from lorax_jax.interop import export_hf, load_peft, save_peft
 from lorax_jax.interpreter import MaterializeError, MaterializeWarning, lora
+from lorax_jax.merging import combine, factorize, lorahub, merge_deltas
 from lorax_jax.quant import QuantizedArray, dequantize, quantize
 from lorax_jax.spec import AxesAssumedWarning, LeafSpec, Rule, dense_kernels, make_spec, summary
 from lorax_jax.training import (Dynamics, TrainState, init_state, labels, make_train_step,
@@ -54,10 +59,12 @@ __all__ = [
     'TrainState',
     'Variant',
     'VeraParams',
+    'combine',
     'count_params',
     'dense_kernels',
     'dequantize',
     'export_hf',
+    'factorize',
     'infer_axes',
     'init',
     'init_state',
@@ -65,15 +72,21 @@ __all__ = [
     'labels',
     'load_peft',
     'lora',
+    'lorahub',
     'make_spec',
     'make_train_step',
     'merge',
+    'merge_deltas',
+    'num_stacked',
     'optimizer',
     'quantize',
     'register',
+    'replace_adapter',
     'save_peft',
     'split',
+    'stack_adapters',
     'summary',
     'to_lora',
     'unmerge',
+    'unstack_adapters',
 ]

@@ -364,3 +364,215 @@ def to_lora(adapters: Any, initial: Any) -> Any:
                               init='kaiming', init_options=())
     out[tuple(path.split('/'))] = variants.LoraParams(a, b, new)
   return paths.nest(out)
+
+
+# Many adapters on one base: a stack with a leading adapter axis (mixed-adapter batches,
+# `lora(fn)(join(params, stacked), x, adapter_ids=ids)`), and its inverse.
+
+def _rescaled_spec(spec: spec_lib.LeafSpec, rank: int, scale: float) -> spec_lib.LeafSpec:
+  """`spec` at `rank`, with the alpha that keeps the scale `scale`."""
+  alpha = {'alpha/r': scale * rank, 'rslora': scale * math.sqrt(rank),
+           'constant': scale}[spec.scaling]
+  return dataclasses.replace(spec, rank=rank, alpha=alpha)
+
+
+def _comparable(spec: spec_lib.LeafSpec) -> spec_lib.LeafSpec:
+  """What must agree between adapters of one leaf for them to stack (rank and alpha may not)."""
+  return dataclasses.replace(spec, rank=0, alpha=0.0, init='kaiming', init_options=(),
+                             dropout=0.0)
+
+
+def _pad_rank(adapter: Any, spec: spec_lib.LeafSpec) -> Any:
+  """`adapter` at `spec.rank` (>= its own) and `spec.scale`: rank axes zero-padded, the scale
+  ratio folded into B (the update is linear in B), so that its update is unchanged."""
+  old = adapter.spec
+  variant = variants.get(old.variant)
+  lay = variant.layout(old)
+  nb = len(old.batch_shape)
+  new = {}
+  for name in variants.base.field_labels(adapter):
+    x = getattr(adapter, name)
+    for d, ax in enumerate(lay[name]):
+      if ax is None and d >= nb and x.shape[d] == old.rank and spec.rank > old.rank:
+        pad = [(0, 0)] * x.ndim
+        pad[d] = (0, spec.rank - old.rank)
+        x = jnp.pad(x, pad)
+    if name == 'b' and old.scale != spec.scale:
+      x = (x * (old.scale / spec.scale)).astype(x.dtype)
+    new[name] = x
+  return dataclasses.replace(adapter, spec=spec, **new)
+
+
+def _cut_rank(adapter: Any, spec: spec_lib.LeafSpec) -> Any:
+  """The inverse of `_pad_rank`: `adapter` (at a larger rank) back at `spec`'s rank and scale."""
+  old = adapter.spec
+  lay = variants.get(old.variant).layout(old)
+  nb = len(old.batch_shape)
+  new = {}
+  for name in variants.base.field_labels(adapter):
+    x = getattr(adapter, name)
+    for d, ax in enumerate(lay[name]):
+      if ax is None and d >= nb and x.shape[d] == old.rank and spec.rank < old.rank:
+        x = jax.lax.slice_in_dim(x, 0, spec.rank, axis=d)
+    if name == 'b' and old.scale != spec.scale:
+      x = (x * (old.scale / spec.scale)).astype(x.dtype)
+    new[name] = x
+  return dataclasses.replace(adapter, spec=spec, **new)
+
+
+def _flat_list(trees: Any, what: str) -> list[dict[str, Any]]:
+  if not isinstance(trees, (list, tuple)) or not trees:
+    raise ValueError(f'{what} takes a non-empty list of adapter trees; got '
+                     f'{type(trees).__name__} {trees!r:.80}.')
+  flats = []
+  for i, t in enumerate(trees):
+    if not isinstance(t, dict):
+      raise ValueError(f'{what}: tree {i} is a {type(t).__name__}, not an adapter tree (a dict '
+                       'from lorax_jax.init or load_peft).')
+    flats.append(paths.flat(t, is_leaf=is_adapter))
+  first = set(flats[0])
+  for i, f in enumerate(flats[1:], 1):
+    if set(f) != first:
+      only0, only_i = sorted(first - set(f)), sorted(set(f) - first)
+      raise ValueError(f'{what}: tree {i} adapts other leaves than tree 0 (only in tree 0: '
+                       f'{only0[:5]}; only in tree {i}: {only_i[:5]}); all trees must adapt the '
+                       'same paths.')
+  for i, f in enumerate(flats):
+    for path, ad in f.items():
+      if not is_adapter(ad):
+        raise ValueError(f'{what}: tree {i} holds a {type(ad).__name__} at {path!r}, not an '
+                         'adapter state.')
+  return flats
+
+
+def stack_adapters(trees: list[Any]) -> dict[str, Any]:
+  """One adapter tree holding `trees` on a new leading adapter axis (slot i = trees[i]).
+
+  For every leaf, the adapters must be of the same variant, base shape, axes and options; ranks
+  and alphas may differ for the resizable variants (LoRA, LoRA-FA, AdaLoRA, SoRA): smaller ranks
+  are zero-padded to the largest and each scale is folded into B, so that every slot's update
+  is exactly its adapter's (up to one rounding of B where the scales differ). The stacked
+  leaf's spec is the largest rank's, with the scale of tree 0.
+
+  Use it for mixed-adapter batches: `lora(fn)(join(params, stacked), x, adapter_ids=ids)`, and
+  `unstack_adapters` to get the trees back.
+
+  Raises:
+    ValueError: for an empty list, trees over different paths, different variants, base
+      shapes or options at a leaf, different ranks of a variant that cannot be resized, or
+      tied variants (whose shared arrays do not stack).
+  """
+  flats = _flat_list(trees, 'stack_adapters')
+  out = {}
+  for path in flats[0]:
+    ads = [f[path] for f in flats]
+    specs = [a.spec for a in ads]
+    s0 = specs[0]
+    if any(variants.tie_of(a) is not None for a in ads):
+      raise ValueError(f'stack_adapters: {path!r} is a tied variant ({s0.variant!r}), whose '
+                       'arrays are shared across leaves; stack untied adapters.')
+    for i, s in enumerate(specs):
+      if type(ads[i]) is not type(ads[0]) or _comparable(s) != _comparable(s0):
+        diff = {k: (getattr(s0, k), getattr(s, k)) for k in
+                ('variant', 'shape', 'batch_axes', 'in_axes', 'out_axes', 'options', 'dtype',
+                 'scaling') if getattr(s0, k) != getattr(s, k)}
+        raise ValueError(f'stack_adapters: at {path!r} tree {i} differs from tree 0 in {diff} '
+                         '(tree 0, tree i); adapters of one leaf stack when they differ at most '
+                         'in rank and alpha.')
+    rank = max(s.rank for s in specs)
+    if isinstance(ads[0], variants.FullParams):
+      stacked_spec, padded = s0, ads
+    else:
+      if any(s.rank != rank or s.scale != s0.scale for s in specs):
+        if not variants.get(s0.variant).resizable:
+          raise ValueError(f'stack_adapters: at {path!r} the {s0.variant!r} adapters have ranks '
+                           f'{[s.rank for s in specs]} and scales {[s.scale for s in specs]}; '
+                           'only resizable variants (lora, lora_fa, adalora, sora) stack with '
+                           'different ranks or scales.')
+      stacked_spec = _rescaled_spec(max(specs, key=lambda s: s.rank), rank, s0.scale)
+      padded = [a if a.spec == stacked_spec else _pad_rank(a, stacked_spec) for a in ads]
+    out[tuple(path.split('/'))] = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *padded)
+  return paths.nest(out)
+
+
+def num_stacked(stacked: Any) -> int:
+  """The number of adapters in a stacked tree (the leading axis of its arrays)."""
+  leaves = jax.tree_util.tree_leaves(stacked)
+  if not leaves:
+    raise ValueError('num_stacked: the adapter tree holds no arrays.')
+  return int(np.shape(leaves[0])[0])
+
+
+def unstack_adapters(stacked: Any, like: list[Any] | None = None) -> list[dict[str, Any]]:
+  """The inverse of `stack_adapters`: the list of adapter trees of a stacked tree.
+
+  Args:
+    stacked: a tree from `stack_adapters` (or one with the same leading adapter axis).
+    like: optional, the original trees (or trees with their specs): each slot is cut back to its
+      tree's rank and scale. Without it every slot keeps the stacked rank (the same update).
+
+  Raises:
+    ValueError: if the leaves' leading axes differ, or `like` has another length or paths.
+  """
+  flat = _flat_list([stacked], 'unstack_adapters')[0]
+  n = num_stacked(stacked)
+  for path, ad in flat.items():
+    sizes = {int(np.shape(x)[0]) for x in jax.tree_util.tree_leaves(ad)}
+    if sizes != {n}:
+      raise ValueError(f'unstack_adapters: the arrays at {path!r} have leading axes {sorted(sizes)}'
+                       f', not the {n} adapters of the stack.')
+  likes = None
+  if like is not None:
+    likes = _flat_list(list(like), 'unstack_adapters(like=...)')
+    if len(likes) != n:
+      raise ValueError(f'unstack_adapters: like has {len(likes)} trees for {n} stacked adapters.')
+    if set(likes[0]) != set(flat):
+      raise ValueError('unstack_adapters: like adapts other paths than the stacked tree.')
+  out = []
+  for i in range(n):
+    tree = {}
+    for path, ad in flat.items():
+      one = jax.tree_util.tree_map(lambda x, i=i: x[i], ad)
+      if likes is not None and not isinstance(one, variants.FullParams) and (
+          likes[i][path].spec != one.spec):
+        one = _cut_rank(one, likes[i][path].spec)
+      tree[tuple(path.split('/'))] = one
+    out.append(paths.nest(tree))
+  return out
+
+
+def replace_adapter(stacked: Any, index: int, tree: Any) -> dict[str, Any]:
+  """`stacked` with slot `index` replaced by `tree` (hot-swap): padded to the stack's rank and
+  scale as `stack_adapters` does, so the arrays keep their shapes and a compiled serving
+  function runs on the result without recompiling. `tree` may come from `load_peft`.
+
+  Raises:
+    ValueError: for an index outside the stack, or a tree that does not fit the stack (other
+      paths, variant, shapes, or a rank above the stack's).
+  """
+  flat = _flat_list([stacked], 'replace_adapter')[0]
+  n = num_stacked(stacked)
+  if not isinstance(index, (int, np.integer)) or isinstance(index, bool) or not -n <= index < n:
+    raise ValueError(f'replace_adapter: index={index!r} must be an int in [{-n}, {n}) for a '
+                     f'stack of {n} adapters.')
+  new = _flat_list([stacked, tree], 'replace_adapter')[1]
+  out = {}
+  for path, ad in flat.items():
+    one, spec = new[path], ad.spec
+    if type(one) is not type(ad) or _comparable(one.spec) != _comparable(spec):
+      raise ValueError(f'replace_adapter: the adapter at {path!r} ({one.spec.variant!r}, shape '
+                       f'{one.spec.shape}) does not fit the stack ({spec.variant!r}, shape '
+                       f'{spec.shape}).')
+    if not isinstance(one, variants.FullParams) and one.spec != spec:
+      if one.spec.rank > spec.rank:
+        raise ValueError(f'replace_adapter: the adapter at {path!r} has rank {one.spec.rank}, '
+                         f'above the stack\'s {spec.rank}; stack_adapters again to grow it.')
+      if not variants.get(spec.variant).resizable and (one.spec.rank, one.spec.scale) != (
+          spec.rank, spec.scale):
+        raise ValueError(f'replace_adapter: the {spec.variant!r} adapter at {path!r} has rank '
+                         f'{one.spec.rank} and scale {one.spec.scale}, the stack '
+                         f'{spec.rank} and {spec.scale}; this variant cannot be resized.')
+      one = _pad_rank(one, spec)
+    out[tuple(path.split('/'))] = jax.tree_util.tree_map(
+        lambda s, x: s.at[index].set(x.astype(s.dtype)), ad, one)
+  return paths.nest(out)

@@ -52,6 +52,7 @@ def test_tokenizer_matches_the_reference_tokenization(reference):
                                 reference['attention_mask'])
 
 
+@pytest.mark.slow   # LoRA on the real model against float64 (its loading and forward stay quick)
 def test_lora_on_the_real_model(minilm, reference):
   model, variables = minilm
   fn = lambda v, ids, mask: model.apply(v, ids, mask, method=model.embed)

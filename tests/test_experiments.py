@@ -124,3 +124,21 @@ def test_peers_benchmark_runs_every_side_on_one_model():
   # Bytes read and written x the best peer: lorax_jax's layout copies no activation for its
   # weight gradients, the peers transpose x and dy for theirs (0.90x at this size; 1.00 before).
   assert float(rows['lorax'][9]) <= 0.95, proc.stdout
+
+
+def test_multi_adapter_benchmark_runs_every_mix():
+  env = helpers.subprocess_env()   # FLOP and byte counts, not times: fast compiles will do
+  proc = subprocess.run(
+      [sys.executable, '-m', 'experiments.benchmarks.multi_adapter', '--d_model', '64',
+       '--layers', '1', '--batch', '8', '--seq', '8', '--adapters', '1,8', '--repeats', '1',
+       '--nocheck'], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  rows = [l.split() for l in proc.stdout.splitlines() if l.split()[:1] in (['prefill'], ['decode'])]
+  assert [(r[0], r[1]) for r in rows] == [(p, n) for p in ('prefill', 'decode') for n in '18']
+  # FLOPs x single: one adapter does the single adapter's work; with 8, prefill (each row's
+  # factors gathered) still does, decode (every adapter's x @ A, masked) does more.
+  flops = {(r[0], r[1]): float(r[7]) for r in rows}
+  assert all(1.0 <= flops[p, '1'] <= 1.1 for p in ('prefill', 'decode')), proc.stdout
+  assert flops['prefill', '8'] <= 1.1 < flops['decode', '8'], proc.stdout
+  one, eight = float(rows[0][9]), float(rows[1][9])        # stacked adapters' MiB (2 decimals)
+  assert abs(eight - 8 * one) <= 8 * 0.005 + 1e-9, proc.stdout

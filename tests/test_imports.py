@@ -106,7 +106,7 @@ LAYERS = {
     0: ('paths', 'select', 'leafspec', 'joined', 'layout', 'spec_json'),
     1: ('variants', 'inits', 'quant', 'interpreter', 'dynamics', 'usage', 'calibration'),
     1.5: ('models', 'data', 'metrics'),
-    2: ('spec', 'adapters', 'training', 'sharding', 'mesh', 'checkpoints'),
+    2: ('spec', 'adapters', 'training', 'sharding', 'mesh', 'checkpoints', 'merging'),
     3: ('interop',),
 }
 

@@ -61,6 +61,13 @@ def _decoder():
 MODELS = {'mlp': _mlp, 'scanned_decoder': _decoder}
 
 
+def _grid(inits_, slow_on_decoder):
+  """(model, init) cases; those in `slow_on_decoder` run on the scanned decoder in the slow
+  tier only (the MLP case of each, and the decoder case of the others, stay quick)."""
+  return [pytest.param(m, i, marks=pytest.mark.slow) if m == 'scanned_decoder' and
+          i in slow_on_decoder else (m, i) for i in inits_ for m in MODELS]
+
+
 def _init(model, init, rank=4, rules=None, variant='lora'):
   fn, params, x, loss, batches = MODELS[model]()
   rules = rules or [(r'kernel$', {**_setting(init, rank), 'variant': variant})]
@@ -70,8 +77,7 @@ def _init(model, init, rank=4, rules=None, variant='lora'):
   return fn, params, x, spec, new, adapters
 
 
-@pytest.mark.parametrize('model', list(MODELS))
-@pytest.mark.parametrize('init', ALL)
+@pytest.mark.parametrize('model,init', _grid(ALL, ('loftq',)))
 def test_output_at_init_equals_the_original_model(model, init):
   fn, params, x, spec, new, adapters = _init(model, init)
   out = jax.jit(lj.lora(fn, strict=True))(lj.join(new, adapters), x)
@@ -94,8 +100,8 @@ def test_output_at_init_equals_the_original_model(model, init):
     assert float(jnp.linalg.norm(ad.b)) > 0 and float(jnp.linalg.norm(ad.a)) > 0
 
 
-@pytest.mark.parametrize('model', list(MODELS))
-@pytest.mark.parametrize('init', ['pissa', 'olora', 'milora', 'lora_ga', 'corda', 'eva'])
+@pytest.mark.parametrize('model,init', _grid(['pissa', 'olora', 'milora', 'lora_ga', 'corda',
+                                              'eva'], ('lora_ga', 'corda', 'eva')))
 def test_dora_composes_with_the_factor_inits(model, init):
   """DoRA + PiSSA/OLoRA/MiLoRA (as PEFT composes them) and the calibrated factor inits: the
   base becomes W_res = W - s*A@B, the magnitude is the column norm of the ORIGINAL W, and the

@@ -154,6 +154,7 @@ def test_peft_to_lorax_minilm_embeddings(minilm, tmp_path, kind):
   assert _rel(ours, theirs) < 1e-4
 
 
+@pytest.mark.slow   # a real model against transformers / PEFT
 def test_merged_export_loads_in_transformers_and_here(minilm, tmp_path):
   model, params, ids, mask, names = minilm
   spec = lj.make_spec(params, [(ATTENTION_MLP, {'variant': 'dora', 'rank': 4})],
@@ -174,6 +175,7 @@ def test_merged_export_loads_in_transformers_and_here(minilm, tmp_path):
     np.testing.assert_array_equal(a, b, err_msg=p)
 
 
+@pytest.mark.slow   # a real model against transformers / PEFT
 def test_gpt2_fused_attention_both_ways(tmp_path):
   """GPT-2's fused c_attn (Conv1D): q/k/v adapters saved as one LoRA of rank r_q + r_k + r_v,
   and a PEFT c_attn adapter loaded as three adapters sharing A; `GPT2LMHeadModel` names its
@@ -258,6 +260,7 @@ def test_llama_both_ways(tmp_path, scan_layers):
   assert _rel(jax_logits(adapters), torch_logits(loaded)) < 1e-4
 
 
+@pytest.mark.slow   # a real model against transformers / PEFT
 def test_vit_conv_patch_embedding_and_classifier_head(tmp_path):
   """A LoRA on the patch-embedding conv (PEFT's Conv2d: A a conv with the kernel's window, B a
   1x1 conv) and the classifier head trained fully (modules_to_save), on ViTForImageClassification;

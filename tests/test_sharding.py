@@ -256,10 +256,11 @@ def test_same_losses_and_adapters_on_every_layout_and_restore_across_layouts(tmp
       # Adam divides by sqrt(v): reduction-order rounding of tiny gradients shows up at ~1e-6.
       np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * max(1.0, np.abs(b).max()))
     assert abs(acc - ref_acc) <= 1.01 * one_image
-  # fsdp x tensor checkpoint -> one device, and -> tensor parallel: resumes at the end.
-  for mesh in (dict(data=1, fsdp=1, tensor=1), dict(data=4, tensor=2, preset='tensor')):
-    r = train.train_and_evaluate(_config(tmp_path, **mesh), str(tmp_path / 'fsdp4_tensor2'))
-    assert r['resumed_from'] == 4 and abs(r['accuracy'] - ref_acc) <= 1.01 * one_image
+  # fsdp x tensor checkpoint -> tensor parallel (on another mesh shape): resumes at the end.
+  # (Restoring onto one device is tests/test_train.py's everyday case.)
+  r = train.train_and_evaluate(_config(tmp_path, data=4, tensor=2, preset='tensor'),
+                               str(tmp_path / 'fsdp4_tensor2'))
+  assert r['resumed_from'] == 4 and abs(r['accuracy'] - ref_acc) <= 1.01 * one_image
 
 
 def _free_port() -> int:

@@ -6,6 +6,8 @@ import functools
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 from lorax_jax import joined
 from lorax_jax import layout
@@ -21,27 +23,110 @@ from lorax_jax.interpreter.values import Ctx, Dense, LowRank, is_special, materi
 from lorax_jax.interpreter.values import strict_default
 
 
-def _to_value(adapted: joined.Adapted, path: str):
+def _factored(variant, w, ad):
+  """`variant.factored(w, ad)`, with W dequantized only for variants whose factored form reads
+  it (DoRA's norm)."""
+  if quant.is_quantized(w):
+    w_in = jax.ShapeDtypeStruct(w.shape, w.dtype)
+    if _reads_w(variant, w_in, ad):
+      w_in = quant.dequantize_array(w)
+    w = w_in
+  return variant.factored(w, ad)
+
+
+def _to_value(adapted: joined.Adapted, path: str, ids=None):
   ad = adapted.adapter
+  if ids is not None:
+    return _to_mixed_value(adapted, path, *ids)
   if isinstance(ad, variants.FullParams):
     return ad.value
   variant = variants.get(ad.spec.variant)
+  if variant.layout is not None:
+    lay = variant.layout(ad.spec)
+    if any(np.ndim(getattr(ad, k)) == len(ax) + 1 for k, ax in lay.items()):
+      raise ValueError(f'The adapter at {path!r} has a leading adapter axis (a stack from '
+                       'stack_adapters): pass adapter_ids= (one adapter index per row of the '
+                       'batch) to run a mixed-adapter batch, or unstack_adapters it.')
   w = adapted.w
-  qw = quant.is_quantized(w)
-  f = None
-  if variant.factored is not None:
-    w_in = w
-    if qw:   # dequantized only for variants whose factored form reads W (DoRA's norm)
-      w_in = jax.ShapeDtypeStruct(w.shape, w.dtype)
-      if _reads_w(variant, w_in, ad):
-        w_in = quant.dequantize_array(w)
-    f = variant.factored(w_in, ad)
+  f = None if variant.factored is None else _factored(variant, w, ad)
   if f is None:
     return Dense(w, ad, path)
   kinds = ad.spec.kinds
   a, b = layout.to_broadcast(f.a, f.b, kinds)
   g = None if f.out_scale is None else layout.scale_to_broadcast(f.out_scale, kinds)
+  qw = quant.is_quantized(w)
   return LowRank(QuantW.of(w) if qw else w, a, b, kinds, float(f.scale), path, ad.spec.dropout, g)
+
+
+def _to_mixed_value(adapted: joined.Adapted, path: str, ids, concrete) -> LowRank:
+  """A stacked adapter (leading axis: the adapters) as one `LowRank` carrying all of them: each
+  adapter's factored form (vmapped) in broadcast layout behind the adapter axis, and the stack
+  as the variant gives it (`canon`) for the dense rule to gather rows from."""
+  ad, w = adapted.adapter, adapted.w
+  spec = ad.spec
+  if isinstance(ad, variants.FullParams):
+    raise ValueError(f'adapter_ids: {path!r} is a fully trained leaf; a mixed-adapter batch needs '
+                     'low-rank adapters (one weight per row cannot be formed).')
+  variant = variants.get(spec.variant)
+  if variant.tie is not None:
+    raise ValueError(f'adapter_ids: {path!r} is a tied variant ({spec.variant!r}); stack untied '
+                     'adapters for mixed-adapter batches.')
+  one = jax.eval_shape(lambda w: variant.init(jax.random.key(0), w, spec)[1],
+                       jax.ShapeDtypeStruct(spec.shape, w.dtype))
+  expect = [tuple(x.shape) for x in jax.tree_util.tree_leaves(one)]
+  got = [tuple(np.shape(x)) for x in jax.tree_util.tree_leaves(ad)]
+  n = got[0][0] if got and got[0] else 0
+  if len(got) != len(expect) or any(g != (n,) + e for g, e in zip(got, expect)) or n < 1:
+    raise ValueError(f'adapter_ids: the adapter at {path!r} is not a stack of {spec.variant!r} '
+                     f'adapters: its arrays have shapes {got}, a stack of n needs (n,) + '
+                     f'{expect}. Build it with lorax_jax.stack_adapters([...]).')
+  _check_ids_range(ids, concrete, n, path)
+  scale = []
+
+  def parts(one_ad):
+    f = _factored(variant, w, one_ad)
+    if f is None:
+      return None
+    scale.append(float(f.scale))
+    return f.a, f.b, f.out_scale
+
+  if variant.factored is None or jax.eval_shape(parts, jax.tree_util.tree_map(
+      lambda x: x[0], ad)) is None:
+    raise ValueError(f'adapter_ids: {path!r} is a {spec.variant!r} adapter, which has no factored '
+                     'form; mixed-adapter batches need one (lora, dora, vera, lora_fa, ...).')
+  fa, fb, g = jax.vmap(parts)(ad)
+  kinds = spec.kinds
+  a, b = jax.vmap(lambda a, b: layout.to_broadcast(a, b, kinds))(fa, fb)
+  if g is not None:
+    g = jax.vmap(lambda g: layout.scale_to_broadcast(g, kinds))(g)
+  qw = quant.is_quantized(w)
+  return LowRank(QuantW.of(w) if qw else w, a, b, kinds, scale[-1], path, spec.dropout, g,
+                 ids=ids, n_adapters=int(n), canon=(fa, fb),
+                 canon_axes=(spec.batch_axes, spec.in_axes, spec.out_axes))
+
+
+def _check_ids(ids):
+  """`adapter_ids` as an int32 vector (rows,); traced ids are checked by shape and dtype only."""
+  shape, dtype = np.shape(ids), getattr(ids, 'dtype', None)
+  if dtype is None:
+    ids = np.asarray(ids)
+    dtype = ids.dtype
+  if len(shape) != 1 or not jnp.issubdtype(dtype, jnp.integer):
+    raise ValueError(f'adapter_ids must be an integer vector with one adapter index per row of '
+                     f'the batch (-1: the base alone); got shape {tuple(shape)} and dtype {dtype}.')
+  try:
+    concrete = np.asarray(ids)
+  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+    concrete = None   # traced: ids outside [0, n) are rows without an adapter
+  if concrete is not None and concrete.size and concrete.min() < -1:
+    raise ValueError(f'adapter_ids must be >= -1 (-1: the base alone); got {concrete.min()}.')
+  return jnp.asarray(ids, jnp.int32), concrete
+
+
+def _check_ids_range(ids, concrete, n: int, path: str) -> None:
+  if concrete is not None and concrete.size and concrete.max() >= n:
+    raise ValueError(f'adapter_ids: id {concrete.max()} is out of range for the {n} adapters '
+                     f'stacked at {path!r}; allowed: -1 (the base alone) to {n - 1}.')
 
 
 def _reads_w(variant, w_abstract, adapter) -> bool:
@@ -70,6 +155,15 @@ def lora(fn: Callable, *, strict: bool | None = None) -> Callable:
     leaves from `join(params, adapters)` and `QuantizedArray` leaves (a quantized base, adapted
     or not); non-array leaves (flags, strings) stay static.
 
+    A second optional keyword, `adapter_ids`, runs a mixed-adapter batch: with
+    `join(params, stack_adapters([a_0, ..., a_{n-1}]))` and `adapter_ids` an int vector with one
+    entry per row of the batch, row j runs with adapter `adapter_ids[j]` (-1: the base alone; a
+    traced id outside [0, n) counts as -1, a concrete one is refused). Every adapted layer must
+    see the rows on the leading axis of its input. Each layer gathers each row's A and B (BGMV,
+    as Punica and S-LoRA serve), or with few tokens per row and few adapters (decode) runs
+    every adapter's x @ A in one matmul and masks: there is no loop over the adapters, and ids
+    may be traced, so one compiled function serves any mix.
+
   Each call traces `fn` (as `jax.make_jaxpr` does): call the result under `jax.jit`, or inside a
   jitted train step, so that this happens once per compilation.
 
@@ -78,15 +172,16 @@ def lora(fn: Callable, *, strict: bool | None = None) -> Callable:
   """
 
   @functools.wraps(fn)
-  def wrapped(*args, lora_rng=None, **kwargs):
+  def wrapped(*args, lora_rng=None, adapter_ids=None, **kwargs):
     ctx = Ctx(strict_default() if strict is None else strict, lora_rng)
+    ids = None if adapter_ids is None else _check_ids(adapter_ids)
 
     def replace(kp, leaf):
       if quant.is_quantized(leaf):
         return trace_input(leaf), QuantW.of(leaf)
       if not isinstance(leaf, joined.Adapted):
         return None
-      val = _to_value(leaf, paths.path_str(kp[2:]))
+      val = _to_value(leaf, paths.path_str(kp[2:]), ids)
       return (trace_input(leaf.w) if is_special(val) else val), val
 
     closed, vals, _, out_tree = trace(fn, args, kwargs, is_leaf=_is_input, replace=replace)

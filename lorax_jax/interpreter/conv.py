@@ -27,6 +27,8 @@ def factored(eqn, invals, ctx):
     return base.decline('the adapted kernel is the input (lhs) of the convolution')
   if not isinstance(v, LowRank) or v.capture:
     return None
+  if v.n_adapters:
+    return base.decline('a convolution has no mixed-adapter rule yet')
   p = eqn.params
   if p['batch_group_count'] != 1:
     return base.decline(f"batch_group_count={p['batch_group_count']} has no factored rule")

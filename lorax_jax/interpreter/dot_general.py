@@ -12,7 +12,9 @@ import numpy as np
 from lorax_jax.interpreter import axes
 from lorax_jax.interpreter import base
 from lorax_jax.interpreter.quantw import bind_quant
-from lorax_jax.interpreter.values import LowRank, add_side, dropout, scale_at, scaled
+from lorax_jax.interpreter.values import LowRank, add_side, dropout, row_pick, row_select
+from lorax_jax.interpreter.values import row_valid
+from lorax_jax.interpreter.values import scale_at, scale_rows_at, scaled
 
 
 def factored(eqn, invals, ctx):
@@ -42,6 +44,8 @@ def factored(eqn, invals, ctx):
   pet = eqn.params.get('preferred_element_type')
   n = len(kinds)
   not_in = [d for d in range(n) if kinds[d] != 'i']
+  if v.n_adapters:
+    return _mixed(eqn, v, x, on_left, vc, xc, vb, xb, cg, ctx)
   if cg == 'o' and v.g is not None:
     # The output units are contracted (a tied embedding as a head): scale x on those axes.
     x = scale_at(x, v, [xb[list(vb).index(d)] if d in vb else xc[list(vc).index(d)]
@@ -86,6 +90,117 @@ def factored(eqn, invals, ctx):
     out = scale_at(out, v, [list(vb).index(q) if q in vb else start + w_free.index(q)
                             for q in not_in])
   return [out]
+
+
+# A mixed batch computes every adapter's x @ A (then masks) when tokens per row x adapters is at
+# most this; above it, each row's A and B are gathered (the cost of the first grows with the
+# adapters, that of the second with the rows: on CPU they cross near 32 adapters for decode).
+DENSE_MIXED_MAX = 32
+
+
+def _mixed(eqn, v: LowRank, x, on_left, vc, xc, vb, xb, cg, ctx):
+  """A mixed-adapter batch: row j of x (its leading axis) runs with adapter ids[j] (BGMV: each
+  row's A and B gathered from the stack, then matmuls batched over the rows; with one token per
+  row, B's rows are read inside the multiply-add instead of being copied out)."""
+  kinds, n = v.kinds, len(v.kinds)
+  rows = v.ids.shape[0]
+  if x.ndim == 0 or x.shape[0] != rows or 0 in xc or 0 in xb:
+    raise ValueError(
+        f'adapter_ids: the input of the adapted kernel {v.path!r} has shape {tuple(x.shape)} '
+        f'(contracted axes {tuple(xc)}), but a mixed-adapter batch needs its {rows} rows (one '
+        'per adapter id) on the leading, uncontracted axis of every adapted layer\'s input.')
+  precision = eqn.params.get('precision')
+  pet = eqn.params.get('preferred_element_type')
+  dtype = v.w.dtype
+  not_in = [d for d in range(n) if kinds[d] != 'i']
+  f = 'o' if cg == 'i' else 'i'
+  nb = len(vb)
+  x_rest = [q for q in range(1, x.ndim) if q not in xc and q not in xb]   # x's free axes but rows
+  w_free = [q for q in range(n) if q not in vc and q not in vb]
+  row_pos = nb + (len(w_free) if on_left else 0)      # y: batch, lhs free, rhs free
+  if cg == 'o' and v.g is not None:   # a tied head: scale x's contracted (output-unit) axes
+    x = scale_rows_at(x, v, [xb[list(vb).index(d)] if d in vb else xc[list(vc).index(d)]
+                             for d in not_in], 0)
+  y = bind_quant(eqn, [v.w, x] if on_left else [x, v.w])
+  if v.canon is not None and cg == 'i':
+    # The stack as stored: A (n, batch, in, r), B (n, batch, r, out) in the spec's axis order.
+    (ag, af), (bax, iax, oax) = v.canon, v.canon_axes
+    nbk = len(bax)
+    g_pos = lambda d: 1 + (bax.index(d) if d in bax else nbk + iax.index(d))
+    f_pos = lambda d: 1 + (bax.index(d) if d in bax else nbk + 1 + oax.index(d))
+    r_f, free_w = 1 + nbk, list(oax)
+  else:
+    f_axes = tuple(d for d in range(n) if kinds[d] == f)
+    g_axes = tuple(d for d in range(n) if kinds[d] == cg)
+    pos_g = [d for d in range(n) if d not in f_axes]
+    pos_f = [d for d in range(n) if d not in g_axes]
+    ag, af = (v.a, v.b) if cg == 'i' else (v.b, v.a)
+    ag = jnp.squeeze(ag, tuple(1 + d for d in f_axes))             # n, non-F axes (W order), r
+    af = jnp.squeeze(af, tuple(1 + d for d in g_axes))             # n, non-G axes (W order), r
+    g_pos = lambda d: 1 + pos_g.index(d)
+    f_pos = lambda d: 1 + pos_f.index(d)
+    r_f, free_w = af.ndim - 1, [d for d in pos_f if kinds[d] == f]
+  ag, af = ag.astype(dtype), af.astype(dtype)
+  x = dropout(x, v.dropout, ctx)
+  rest_shape = tuple(x.shape[q] for q in x_rest)
+  free_shape = tuple(v.w.shape[d] for d in free_w)
+  if (v.canon is not None and cg == 'i' and not nb
+      and math.prod(rest_shape) * v.n_adapters <= DENSE_MIXED_MAX):
+    # Few tokens per row (decode) and few adapters: every adapter's x @ A (one matmul over the
+    # stack as stored), each row's picked by a one-hot mask, then one matmul with all the Bs.
+    # On CPU this beats gathering each row's A and B (XLA's gather copies at a few GB/s).
+    n_ad = v.n_adapters
+    oh = jax.nn.one_hot(v.ids, n_ad, dtype=dtype)   # rows without an adapter: all zeros
+    oh = oh.reshape((rows,) + (1,) * len(x_rest) + (n_ad, 1))
+    t_all = jax.lax.dot_general(x, ag, ((xc, [g_pos(d) for d in vc]), ((), ())),
+                                precision=precision, preferred_element_type=pet).astype(dtype)
+    t = scaled(jnp.sum(t_all * oh, axis=-2), v.scale)                 # rows, x_rest, r
+    t_exp = (t[..., None, :] * oh).reshape(t.shape[:-1] + (-1,))       # rows, x_rest, n * r
+    d = jax.lax.dot_general(t_exp, af.reshape(t_exp.shape[-1], -1), (([t_exp.ndim - 1], [0]),
+                                                                    ((), ())),
+                            precision=precision, preferred_element_type=pet)
+    return [_finish(v, x, y, d.reshape((rows,) + rest_shape + free_shape), on_left, xc, vb, cg,
+                    x_rest, free_w, w_free, not_in, row_pos)]
+  t = jax.lax.dot_general(
+      x, row_select(v, ag, None), ((xc, [g_pos(d) for d in vc]),
+                                   ([0] + list(xb), [0] + [g_pos(d) for d in vb])),
+      precision=precision, preferred_element_type=pet).astype(dtype)   # rows, vb, x_rest, r
+  t = scaled(t * row_valid(v, t.ndim, t.dtype), v.scale)
+  r = t.shape[-1]
+  if not nb and math.prod(rest_shape) == 1:
+    # One token per row (a decode step): sum_j t[:, j] * B[ids, j], each row of B_j gathered
+    # inside the multiply-add (one loop fusion) rather than copied out first.
+    t2 = t.reshape(rows, r)
+    pick = row_pick(v)
+    bj = lambda j: jax.lax.index_in_dim(af, j, axis=r_f, keepdims=False).reshape(
+        v.n_adapters, -1)[pick]
+    d = sum(t2[:, j, None] * bj(j) for j in range(r)).astype(dtype)
+    d = d.reshape((rows,) + rest_shape + free_shape)
+  else:
+    d = jax.lax.dot_general(
+        t, row_select(v, af, None),
+        (([t.ndim - 1], [r_f]), (list(range(1 + nb)), [0] + [f_pos(q) for q in vb])),
+        precision=precision, preferred_element_type=pet)             # rows, vb, x_rest, free
+  return [_finish(v, x, y, d, on_left, xc, vb, cg, x_rest, free_w, w_free, not_in, row_pos)]
+
+
+def _finish(v, x, y, d, on_left, xc, vb, cg, x_rest, free_w, w_free, not_in, row_pos):
+  """y + the side path `d` (rows, vb, x_rest, W's free axes in `free_w` order), in y's layout:
+  vb, then (W free, rows, x_rest) with W on the left, else (rows, x_rest, W free), the W free
+  axes in W order; then DoRA's per-row output scale."""
+  nb = len(vb)
+  nr = len(x_rest)
+  src_rows, src_vb = [0], list(range(1, 1 + nb))
+  src_x = list(range(1 + nb, 1 + nb + nr))
+  src_w = [1 + nb + nr + int(q) for q in np.argsort(free_w)]
+  order = src_vb + (src_w + src_rows + src_x if on_left else src_rows + src_x + src_w)
+  out = add_side(y, jnp.transpose(d, order))
+  if cg == 'i' and v.g is not None:
+    x_free = x.ndim - len(xc) - nb
+    start = nb if on_left else nb + x_free
+    out = scale_rows_at(out, v, [list(vb).index(q) if q in vb else start + w_free.index(q)
+                                 for q in not_in], row_pos)
+  return out
 
 
 def _side_2d(x, ag, af, xc, ag_pos, scale, precision, pet, dtype):

@@ -9,7 +9,9 @@ import numpy as np
 from lorax_jax.interpreter import axes
 from lorax_jax.interpreter import base
 from lorax_jax.interpreter.quantw import bind_quant
-from lorax_jax.interpreter.values import LowRank, add_side, scale_at, scaled
+from lorax_jax.interpreter.values import LowRank, add_side, row_pick, row_select, row_valid
+from lorax_jax.interpreter.values import scale_at
+from lorax_jax.interpreter.values import scale_rows_at, scaled
 
 
 def factored(eqn, invals, ctx):
@@ -36,15 +38,19 @@ def factored(eqn, invals, ctx):
       collapsed_slice_dims=dn.collapsed_slice_dims, start_index_map=dn.start_index_map,
       operand_batching_dims=(), start_indices_batching_dims=())
   sizes = tuple(1 if kinds[d] == 'o' else p['slice_sizes'][d] for d in range(n)) + (r,)
-  ga = jax.lax.gather(v.a.astype(v.w.dtype), idx, dn_a, sizes,
-                      indices_are_sorted=p['indices_are_sorted'],
-                      unique_indices=p['unique_indices'], mode=p['mode'],
-                      fill_value=p['fill_value'])
+  rows_of = lambda a: jax.lax.gather(a.astype(v.w.dtype), idx, dn_a, sizes,
+                                     indices_are_sorted=p['indices_are_sorted'],
+                                     unique_indices=p['unique_indices'], mode=p['mode'],
+                                     fill_value=p['fill_value'])
   noncollapsed = [d for d in range(n) if d not in dn.collapsed_slice_dims]
   out_pos = {d: dn.offset_dims[k] for k, d in enumerate(noncollapsed)}
   o_pos = [out_pos[d] for d in outs]
-  ga = jnp.squeeze(ga, tuple(o_pos))                      # other output dims, r
   ins = tuple(d for d in range(n) if kinds[d] == 'i')
+  if v.n_adapters:
+    ga = jnp.squeeze(jax.vmap(rows_of)(v.a), tuple(1 + q for q in o_pos))   # n, other dims, r
+    b_sq = jnp.squeeze(v.b, tuple(1 + d for d in ins)).astype(v.w.dtype)  # n, out axes, r
+    return [_mixed(v, y, ga, b_sq, o_pos, out_rank)]
+  ga = jnp.squeeze(rows_of(v.a), tuple(o_pos))            # other output dims, r
   b_sq = jnp.squeeze(v.b, ins).astype(v.w.dtype)          # out axes in W order, r
   # On 2-D views with r first in B, as in `dot_general` (its weight gradient then contracts the
   # tokens of dy as dy is laid out); the scale on the rank-r rows.
@@ -53,6 +59,26 @@ def factored(eqn, invals, ctx):
   order = [q for q in range(out_rank) if q not in o_pos] + o_pos
   d = jnp.transpose(d, np.argsort(order))
   return [scale_at(add_side(y, d), v, o_pos)]
+
+
+def _mixed(v: LowRank, y, ga, b_sq, o_pos, out_rank):
+  """A mixed-adapter batch: the looked-up rows of every adapter's A (`ga`: n, lookup dims, r),
+  each row's adapter picked; then each row's B."""
+  rows = v.ids.shape[0]
+  if ga.ndim < 3 or ga.shape[1] != rows or 0 in o_pos:
+    raise ValueError(f'adapter_ids: the lookup of {v.path!r} gives shape {tuple(y.shape)}, but a '
+                     f'mixed-adapter batch needs its {rows} rows on the leading axis.')
+  k = ga.shape[-1]
+  pick = row_pick(v).reshape((1, rows) + (1,) * (ga.ndim - 2))
+  t = jnp.take_along_axis(ga, pick, axis=0)[0]                          # rows, other dims, r
+  t = scaled(t * row_valid(v, t.ndim, t.dtype), v.scale)
+  br = row_select(v, b_sq, None)                                       # rows, out axes, r
+  b2 = jnp.moveaxis(br, -1, 1).reshape(rows, k, -1)
+  d = jax.lax.dot_general(t.reshape(rows, -1, k), b2, (([2], [1]), ([0], [0])))
+  d = d.reshape(t.shape[:-1] + br.shape[1:-1])
+  order = [q for q in range(out_rank) if q not in o_pos] + list(o_pos)
+  d = jnp.transpose(d, np.argsort(order))
+  return scale_rows_at(add_side(y, d), v, o_pos, 0)
 
 
 def infer(eqn, ins, usage):

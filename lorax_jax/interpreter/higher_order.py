@@ -63,7 +63,10 @@ def _scan(eqn, invals, ctx):
       kinds.append('quant')
     elif isinstance(x, LowRank) and x.kinds[0] == 'b' and not (
         isinstance(x.w, QuantW) and (x.w.ops or not quant.scannable(x.w.q))):
-      packed.append((x.w.q if isinstance(x.w, QuantW) else x.w, x.a, x.b, x.g))
+      pieces = (x.a, x.b, x.g, x.canon)
+      if x.n_adapters:   # the adapter axis leads: slice the layer axis behind it
+        pieces = jax.tree_util.tree_map(lambda arr: jax.numpy.moveaxis(arr, 1, 0), pieces)
+      packed.append((x.w.q if isinstance(x.w, QuantW) else x.w,) + pieces)
       kinds.append(x)
     else:
       packed.append(materialize(x, ctx, 'scan xs (kernel not stacked on the scanned axis)'))
@@ -81,10 +84,14 @@ def _scan(eqn, invals, ctx):
       elif isinstance(tmpl, str):   # a bare quantized leaf
         xs_v.append(QuantW.of(quant.unstack(x)))
       else:
-        w, a, b, g = x
+        w, a, b, g, canon = x
         if isinstance(w, quant.QuantizedArray):
           w = QuantW.of(quant.unstack(w))
-        xs_v.append(tmpl.replace(w=w, a=a, b=b, g=g, kinds=tmpl.kinds[1:]))
+        axes = tmpl.canon_axes
+        if axes:   # the scanned axis is the kernel's first batch axis
+          axes = tuple(tuple(d - 1 for d in group if d != 0) for group in axes)
+        xs_v.append(tmpl.replace(w=w, a=a, b=b, g=g, kinds=tmpl.kinds[1:], canon=canon,
+                                 canon_axes=axes))
     sub = ctx.child(key, ctx.fresh())
     outs = eval_jaxpr(closed.jaxpr, closed.consts, list(consts) + list(c) + xs_v, sub)
     outs = materialize_all(outs, ctx, 'scan output')

@@ -36,6 +36,13 @@ class LowRank:
 
   `g` (optional, B-like layout with r = 1) scales each output unit (DoRA's m / ||W + sAB||).
   `capture` marks a calibration probe (see `interpreter.capture`).
+
+  A mixed-adapter batch (`lora(fn)(..., adapter_ids=ids)`) carries `n_adapters` adapters at once:
+  a, b and g get a leading adapter axis (axis moves act on each adapter: vmapped), and `ids`
+  (rows,) says which one each row of the layer's input uses (-1: none); the rules that consume
+  W pick each row's factors. Until W moves, `canon` also holds the stacked factors as the
+  adapter tree stores them, `(A, B)` in canonical layout with `canon_axes` = the kernel's
+  (batch, in, out) axes, which the dense rule gathers rows from without any relayout.
   """
   w: jax.Array
   a: jax.Array
@@ -46,12 +53,19 @@ class LowRank:
   dropout: float = dataclasses.field(metadata=dict(static=True), default=0.0)
   g: Any = None
   capture: bool = dataclasses.field(metadata=dict(static=True), default=False)
+  ids: Any = None
+  n_adapters: int = dataclasses.field(metadata=dict(static=True), default=0)
+  canon: Any = None
+  canon_axes: tuple = dataclasses.field(metadata=dict(static=True), default=())
 
   def replace(self, **kw) -> 'LowRank':
     return dataclasses.replace(self, **kw)
 
   def move(self, fa, fb, **kw) -> 'LowRank':
     """Applies an axis move to the factors: `fa` to A, `fb` to B and to g (same layout)."""
+    if self.n_adapters:
+      fa, fb = jax.vmap(fa), jax.vmap(fb)
+      kw = {'canon': None, 'canon_axes': (), **kw}
     g = None if self.g is None else fb(self.g)
     return dataclasses.replace(self, a=fa(self.a), b=fb(self.b), g=g, **kw)
 
@@ -121,6 +135,12 @@ def materialize(v, ctx: Ctx | None, why: str | None):
     return v
   if v.capture:   # a calibration probe: dW = 0, and this use of W is not captured
     return quantw.arr(v.w)
+  if v.n_adapters:
+    raise ValueError(f'adapter_ids: the kernel {v.path!r} reaches primitive {why or "(none)"}, '
+                     'which has no mixed-adapter rule, and a mixed batch has no single W + dW to '
+                     'form. Mixed-adapter batches run through dot_general (dense layers, '
+                     'attention projections, einsums) and embedding gathers, with the rows of '
+                     'the batch on the leading axis of the layer input.')
   if why is not None:
     msg = f'lorax_jax: materializing W + dW for {v.path!r} at primitive {why}.'
     if ctx is not None and ctx.strict:
@@ -157,6 +177,40 @@ def scale_at(y, v: LowRank, positions):
   order = np.argsort(positions)
   g = jax.lax.broadcast_in_dim(jnp.transpose(g, order), y.shape,
                                tuple(int(positions[q]) for q in order))
+  return (y * g).astype(y.dtype)
+
+
+def row_pick(v: LowRank):
+  """Each row's adapter index, clipped into range (rows without one are masked separately)."""
+  return jnp.where((v.ids >= 0) & (v.ids < v.n_adapters), v.ids, 0)
+
+
+def row_select(v: LowRank, factor, fill=0.0):
+  """Each row's slice of a mixed value's factor (leading axis: the adapters): shape
+  (rows,) + factor.shape[1:]; rows without an adapter get `fill` (None: left as gathered)."""
+  out = factor[row_pick(v)]
+  if fill is None:
+    return out
+  valid = (v.ids >= 0) & (v.ids < v.n_adapters)
+  mask = valid.reshape((-1,) + (1,) * (out.ndim - 1))
+  return jnp.where(mask, out, jnp.asarray(fill, out.dtype))
+
+
+def row_valid(v: LowRank, ndim: int, dtype):
+  """1 for rows with an adapter, 0 for the others, shaped (rows,) + (1,) * (ndim - 1)."""
+  valid = (v.ids >= 0) & (v.ids < v.n_adapters)
+  return valid.astype(dtype).reshape((-1,) + (1,) * (ndim - 1))
+
+
+def scale_rows_at(y, v: LowRank, positions, row_pos: int):
+  """`scale_at` for a mixed value: each row (axis `row_pos` of y) scaled by its adapter's g."""
+  if v.g is None:
+    return y
+  ins = tuple(1 + d for d, k in enumerate(v.kinds) if k == 'i')
+  g = row_select(v, jnp.squeeze(v.g, ins + (v.g.ndim - 1,)), fill=1.0)   # rows, non-in axes
+  pos = [row_pos] + list(positions)
+  order = np.argsort(pos)
+  g = jax.lax.broadcast_in_dim(jnp.transpose(g, order), y.shape, tuple(int(pos[q]) for q in order))
   return (y * g).astype(y.dtype)
 
 
