@@ -147,14 +147,17 @@ def _forbid_setup(monkeypatch):
   monkeypatch.setattr(lj.calibration, 'run', fail)
 
 
-# The variants whose state has more than LoRA's kind of arrays: a magnitude, frozen arrays,
-# shared arrays held by one leaf (None elsewhere), a Kronecker factor.
+# The variants whose state has more than LoRA's kind of arrays, in one run (one per kind of
+# kernel; a rule that matched nothing would be an error): a magnitude (DoRA), frozen arrays
+# (LoRA-FA), shared arrays held by one leaf and None elsewhere (Tied-LoRA), a Kronecker factor
+# (LoKr).
 @pytest.mark.slow
-@pytest.mark.parametrize('variant', ['dora', 'lora_fa', 'tied_lora', 'lokr'])
-def test_variants_train_checkpoint_and_resume(tmp_path, variant, monkeypatch, bases):
-  c = _config(tmp_path, f'quick,variant={variant},rank=4', bases=bases)
-  if variant == 'lokr':
-    c.adapter.options.factor = 4
+def test_variants_train_checkpoint_and_resume(tmp_path, monkeypatch, bases):
+  c = _config(tmp_path, 'quick,rank=4', bases=bases)
+  c.rules = [(r'head/', 'full'), (r'query/kernel$', {'variant': 'dora', 'rank': 4}),
+             (r'key/kernel$', {'variant': 'lora_fa', 'rank': 4}),
+             (r'value/kernel$', {'variant': 'tied_lora', 'rank': 4}),
+             (r'mlp1/kernel$', {'variant': 'lokr', 'rank': 4, 'factor': 4})]
   r1 = train.train_and_evaluate(c, str(tmp_path / 'a'))
   assert r1['steps'] == 3 and 0 < r1['trainable_fraction'] < 0.5
   os.remove(tmp_path / 'a' / 'results.json')   # killed before its results: it resumes at 3
