@@ -382,29 +382,10 @@ def _comparable(spec: spec_lib.LeafSpec) -> spec_lib.LeafSpec:
                              dropout=0.0)
 
 
-def _pad_rank(adapter: Any, spec: spec_lib.LeafSpec) -> Any:
-  """`adapter` at `spec.rank` (>= its own) and `spec.scale`: rank axes zero-padded, the scale
-  ratio folded into B (the update is linear in B), so that its update is unchanged."""
-  old = adapter.spec
-  variant = variants.get(old.variant)
-  lay = variant.layout(old)
-  nb = len(old.batch_shape)
-  new = {}
-  for name in variants.base.field_labels(adapter):
-    x = getattr(adapter, name)
-    for d, ax in enumerate(lay[name]):
-      if ax is None and d >= nb and x.shape[d] == old.rank and spec.rank > old.rank:
-        pad = [(0, 0)] * x.ndim
-        pad[d] = (0, spec.rank - old.rank)
-        x = jnp.pad(x, pad)
-    if name == 'b' and old.scale != spec.scale:
-      x = (x * (old.scale / spec.scale)).astype(x.dtype)
-    new[name] = x
-  return dataclasses.replace(adapter, spec=spec, **new)
-
-
-def _cut_rank(adapter: Any, spec: spec_lib.LeafSpec) -> Any:
-  """The inverse of `_pad_rank`: `adapter` (at a larger rank) back at `spec`'s rank and scale."""
+def _resize_rank(adapter: Any, spec: spec_lib.LeafSpec) -> Any:
+  """`adapter` at `spec.rank` and `spec.scale`: rank axes zero-padded (or cut back to a rank
+  they were padded from), the scale ratio folded into B (the update is linear in B), so that
+  its update is unchanged."""
   old = adapter.spec
   lay = variants.get(old.variant).layout(old)
   nb = len(old.batch_shape)
@@ -412,8 +393,11 @@ def _cut_rank(adapter: Any, spec: spec_lib.LeafSpec) -> Any:
   for name in variants.base.field_labels(adapter):
     x = getattr(adapter, name)
     for d, ax in enumerate(lay[name]):
-      if ax is None and d >= nb and x.shape[d] == old.rank and spec.rank < old.rank:
-        x = jax.lax.slice_in_dim(x, 0, spec.rank, axis=d)
+      if ax is None and d >= nb and x.shape[d] == old.rank:
+        if spec.rank > old.rank:
+          x = jnp.pad(x, [(0, spec.rank - old.rank) if q == d else (0, 0) for q in range(x.ndim)])
+        elif spec.rank < old.rank:
+          x = jax.lax.slice_in_dim(x, 0, spec.rank, axis=d)
     if name == 'b' and old.scale != spec.scale:
       x = (x * (old.scale / spec.scale)).astype(x.dtype)
     new[name] = x
@@ -490,7 +474,7 @@ def stack_adapters(trees: list[Any]) -> dict[str, Any]:
                            'only resizable variants (lora, lora_fa, adalora, sora) stack with '
                            'different ranks or scales.')
       stacked_spec = _rescaled_spec(max(specs, key=lambda s: s.rank), rank, s0.scale)
-      padded = [a if a.spec == stacked_spec else _pad_rank(a, stacked_spec) for a in ads]
+      padded = [a if a.spec == stacked_spec else _resize_rank(a, stacked_spec) for a in ads]
     out[tuple(path.split('/'))] = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *padded)
   return paths.nest(out)
 
@@ -535,7 +519,7 @@ def unstack_adapters(stacked: Any, like: list[Any] | None = None) -> list[dict[s
       one = jax.tree_util.tree_map(lambda x, i=i: x[i], ad)
       if likes is not None and not isinstance(one, variants.FullParams) and (
           likes[i][path].spec != one.spec):
-        one = _cut_rank(one, likes[i][path].spec)
+        one = _resize_rank(one, likes[i][path].spec)
       tree[tuple(path.split('/'))] = one
     out.append(paths.nest(tree))
   return out
@@ -572,7 +556,7 @@ def replace_adapter(stacked: Any, index: int, tree: Any) -> dict[str, Any]:
         raise ValueError(f'replace_adapter: the {spec.variant!r} adapter at {path!r} has rank '
                          f'{one.spec.rank} and scale {one.spec.scale}, the stack '
                          f'{spec.rank} and {spec.scale}; this variant cannot be resized.')
-      one = _pad_rank(one, spec)
+      one = _resize_rank(one, spec)
     out[tuple(path.split('/'))] = jax.tree_util.tree_map(
         lambda s, x: s.at[index].set(x.astype(s.dtype)), ad, one)
   return paths.nest(out)

@@ -113,11 +113,18 @@ def test_generate_decodes_each_sequence_with_its_own_adapter():
   ids = jnp.asarray(IDS)
   out = jax.jit(lambda j, p, i: decoder.generate(
       lambda q, t: lj.lora(fn)(q, t, adapter_ids=i), j, p, 4))(joined, prompt, ids)
-  gen1 = jax.jit(lambda j, p: decoder.generate(lj.lora(fn), j, p, 4))
+  out = np.asarray(out)
+  np.testing.assert_array_equal(out[:, :3], prompt)      # the prompt is copied, not computed
+  # Each generated token is the greedy choice of the row's own adapter on that sequence (logits
+  # of another compiled program: a token whose top two logits tie to rounding may go either way).
+  single = jax.jit(lambda j, t: lj.lora(fn)(j, t))
   for k in sorted(set(IDS.tolist())):
-    ref = gen1(params if k < 0 else lj.join(params, trees[k]), prompt)
     rows = np.flatnonzero(IDS == k)
-    np.testing.assert_array_equal(np.asarray(out)[rows], np.asarray(ref)[rows])
+    logits = np.asarray(single(params if k < 0 else lj.join(params, trees[k]), out[rows]),
+                        np.float64)[:, 2:-1]               # the positions that chose tokens 3..6
+    chosen = np.take_along_axis(logits, out[rows, 3:, None], axis=-1)[..., 0]
+    tol = 1e-5 * np.abs(logits).max()
+    assert np.all(chosen >= logits.max(-1) - tol), (k, out[rows])
 
 
 def test_hot_swap_does_not_recompile_and_takes_a_peft_file(tmp_path):
